@@ -1,0 +1,203 @@
+"""Attention: masks, interchangeable backends, the KV cache and the layer.
+
+Every backend computes the same function: causal attention restricted to the
+query's segment (packed examples never see each other), widened to full
+attention inside an optional bidirectional prefix (image tokens, prompts).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import PartitionSpec
+
+from mllm_jax.modeling.config import ModelConfig
+from mllm_jax.modeling.layers import apply_rope, param, rope_frequencies
+from mllm_jax.parallel.sharding import constrain, current_mesh, current_spec
+
+# Large but finite, so a fully masked row (padding) gives no NaN.
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def attention_mask(q_segments: jax.Array, k_segments: jax.Array,
+                   q_slots: jax.Array, k_slots: jax.Array,
+                   q_prefix: jax.Array | None = None,
+                   k_prefix: jax.Array | None = None) -> jax.Array:
+  """[B, T, S] bool: may query t attend to key s?
+
+  Segments: equal and non-zero (0 marks padding / empty cache slots).
+  Order: key slot <= query slot, or both inside the bidirectional prefix.
+  """
+  same = ((q_segments[:, :, None] == k_segments[:, None, :])
+          & (k_segments[:, None, :] != 0))
+  allowed = k_slots[:, None, :] <= q_slots[:, :, None]
+  if q_prefix is not None:
+    allowed = allowed | (q_prefix[:, :, None] & k_prefix[:, None, :])
+  return same & allowed
+
+
+def xla_attention(q, k, v, mask, bias=None):
+  """Reference path: plain einsums, scores and softmax in float32.
+
+  q [B,T,H,D], k/v [B,S,KV,D] with H a multiple of KV (GQA shares each K/V
+  head across H/KV query heads), mask [B,T,S], bias [B,H,T,S] or None.
+  """
+  b, t, h, d = q.shape
+  kv = k.shape[2]
+  q = q.reshape(b, t, kv, h // kv, d)
+  scores = jnp.einsum("btkgd,bskd->bkgts", q, k,
+                      preferred_element_type=jnp.float32) / math.sqrt(d)
+  if bias is not None:
+    scores = scores + bias.reshape(b, kv, h // kv, t, -1)
+  scores = jnp.where(mask[:, None, None], scores, MASK_VALUE)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+  return out.reshape(b, t, h, d)
+
+
+def fused_attention(q, k, v, mask, bias=None, implementation=None):
+  """jax.nn.dot_product_attention: XLA's fused op, or cuDNN flash attention."""
+  return jax.nn.dot_product_attention(
+      q, k, v, bias=bias, mask=mask[:, None], implementation=implementation)
+
+
+def splash_attention(q, k, v, segment_ids, interpret=False):
+  """Pallas splash (flash) attention for TPU: causal within segments.
+
+  Runs per device under shard_map (batch over the batch axes, K/V heads over
+  the tensor axis) because Pallas kernels are not auto-partitioned.
+  `interpret=True` runs the same kernel on CPU, for tests.
+  """
+  from jax.experimental.pallas.ops.tpu.splash_attention import (
+      splash_attention_kernel as splash, splash_attention_mask as masks)
+  b, t, h, d = q.shape
+  kv = k.shape[2]
+  groups = h // kv
+  q = (q / math.sqrt(d)).reshape(b, t, kv, groups, d).transpose(0, 2, 3, 1, 4)
+  k = k.transpose(0, 2, 1, 3)  # [B, KV, S, D]
+  v = v.transpose(0, 2, 1, 3)
+
+  def per_device(q, k, v, segment_ids):
+    mask = masks.MultiHeadMask([masks.CausalMask((t, t))] * groups)
+    block = min(512, t)
+    sizes = splash.BlockSizes(block_q=block, block_kv=block,
+                              block_kv_compute=block, block_q_dkv=block,
+                              block_kv_dkv=block, block_kv_dkv_compute=block,
+                              block_q_dq=block, block_kv_dq=block)
+    kernel = splash.make_splash_mqa(mask, block_sizes=sizes, head_shards=1,
+                                    q_seq_shards=1, interpret=interpret)
+    segments = splash.SegmentIds(q=segment_ids, kv=segment_ids)
+    over_heads = jax.vmap(kernel, in_axes=(0, 0, 0, None))
+    return jax.vmap(over_heads)(q, k, v, segments)
+
+  mesh = current_mesh()
+  if mesh is not None:
+    batch = current_spec(("act_batch",))[0]
+    heads = current_spec(("act_kv_heads",))[0]
+    per_device = jax.shard_map(
+        per_device, mesh=mesh,
+        in_specs=(PartitionSpec(batch, heads), PartitionSpec(batch, heads),
+                  PartitionSpec(batch, heads), PartitionSpec(batch)),
+        out_specs=PartitionSpec(batch, heads), check_vma=False)
+  out = per_device(q, k, v, segment_ids)  # [B, KV, G, T, D]
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Keys and values of every layer for up to `max_len` slots per sequence.
+
+  `segment_ids` (0 = empty slot), `positions` and `prefix` describe each slot
+  so that masks and ALiBi work on cached keys; `index` is the next free slot.
+  """
+  k: jax.Array  # [L, B, S, KV, D]
+  v: jax.Array
+  segment_ids: jax.Array  # [B, S] int32
+  positions: jax.Array  # [B, S] int32
+  prefix: jax.Array  # [B, S] bool
+  index: jax.Array  # int32 scalar
+
+  @classmethod
+  def create(cls, cfg: ModelConfig, batch: int, max_len: int) -> "KVCache":
+    shape = (cfg.num_layers, batch, max_len, cfg.kv_heads, cfg.head_size)
+    zeros = jnp.zeros(shape, cfg.compute_dtype)
+    return cls(k=zeros, v=zeros,
+               segment_ids=jnp.zeros((batch, max_len), jnp.int32),
+               positions=jnp.zeros((batch, max_len), jnp.int32),
+               prefix=jnp.zeros((batch, max_len), bool),
+               index=jnp.zeros((), jnp.int32))
+
+  @property
+  def max_len(self) -> int:
+    return self.segment_ids.shape[1]
+
+  def append_slots(self, segment_ids, positions, prefix) -> "KVCache":
+    """Records the metadata of T new tokens at slots [index, index + T)."""
+    at = (0, self.index)
+    put = jax.lax.dynamic_update_slice
+    return self.replace(
+        segment_ids=put(self.segment_ids, segment_ids.astype(jnp.int32), at),
+        positions=put(self.positions, positions.astype(jnp.int32), at),
+        prefix=put(self.prefix, prefix, at))
+
+
+class Attention(nnx.Module):
+  """Multi-head, grouped-query or multi-query self-attention (no biases)."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    d, h, kv, hd = cfg.embed_dim, cfg.num_heads, cfg.kv_heads, cfg.head_size
+    dt, std = cfg.weight_dtype, cfg.init_std
+    self.cfg = cfg
+    self.q = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), dt, std)
+    self.k = param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), dt,
+                   std)
+    self.v = param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), dt,
+                   std)
+    self.o = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), dt,
+                   std / math.sqrt(2 * cfg.num_layers))
+
+  def __call__(self, x, positions, segment_ids, mask, bias, layer_cache=None,
+               cache_index=None, has_prefix=False):
+    """x [B,T,E] -> ([B,T,E], updated (k, v) of this layer or None)."""
+    cfg, dt = self.cfg, self.cfg.compute_dtype
+    q = jnp.einsum("btd,dhk->bthk", x, self.q[...].astype(dt))
+    k = jnp.einsum("btd,dhk->bthk", x, self.k[...].astype(dt))
+    v = jnp.einsum("btd,dhk->bthk", x, self.v[...].astype(dt))
+    q = constrain(q, ("act_batch", "act_length", "act_heads", None))
+    k = constrain(k, ("act_batch", "act_length", "act_kv_heads", None))
+    v = constrain(v, ("act_batch", "act_length", "act_kv_heads", None))
+    if cfg.position == "rope":
+      inv_freq = rope_frequencies(cfg)
+      q = apply_rope(q, positions, inv_freq)
+      k = apply_rope(k, positions, inv_freq)
+
+    if layer_cache is not None:
+      # Decoding is memory-bound: the reference path over the whole cache.
+      at = (0, cache_index, 0, 0)
+      k = jax.lax.dynamic_update_slice(layer_cache[0], k.astype(
+          layer_cache[0].dtype), at)
+      v = jax.lax.dynamic_update_slice(layer_cache[1], v.astype(
+          layer_cache[1].dtype), at)
+      out = xla_attention(q, k.astype(dt), v.astype(dt), mask, bias)
+      layer_cache = (k, v)
+    elif cfg.attention_backend == "xla":
+      out = xla_attention(q, k, v, mask, bias)
+    elif cfg.attention_backend in ("dot_product", "cudnn"):
+      impl = "cudnn" if cfg.attention_backend == "cudnn" else None
+      out = fused_attention(q, k, v, mask, bias, implementation=impl)
+    else:
+      if bias is not None or has_prefix:
+        raise ValueError(
+            "model.attention_backend='splash' supports causal masks with "
+            "segments only (no ALiBi bias, no bidirectional prefix); use "
+            "'xla' or 'dot_product'")
+      out = splash_attention(q, k, v, segment_ids,
+                             interpret=jax.default_backend() != "tpu")
+    out = constrain(out, ("act_batch", "act_length", "act_heads", None))
+    out = jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(dt))
+    return out, layer_cache

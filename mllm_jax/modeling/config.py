@@ -1,0 +1,119 @@
+"""The decoder's hyper-parameters, with the derived sizes LLaMA uses."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from mllm_jax.configlib import check, check_choice
+
+ATTENTION_BACKENDS = ("xla", "dot_product", "cudnn", "splash")
+REMAT_POLICIES = ("none", "full", "save_dots", "offload_dots")
+POSITION_ENCODINGS = ("rope", "alibi")
+ROPE_SCALINGS = ("none", "linear", "llama3")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """A LLaMA-family decoder. Zero for a derived size means "use the default".
+
+  num_kv_heads: 0 -> num_heads (multi-head); 1 is multi-query; else grouped.
+  head_dim: 0 -> embed_dim // num_heads.
+  mlp_dim: 0 -> 2/3 * 4 * embed_dim rounded up to a multiple of mlp_multiple_of.
+  """
+  vocab_size: int = 32000
+  embed_dim: int = 4096
+  num_layers: int = 32
+  num_heads: int = 32
+  num_kv_heads: int = 0
+  head_dim: int = 0
+  mlp_dim: int = 0
+  mlp_multiple_of: int = 256
+  tie_embeddings: bool = False
+  norm_eps: float = 1e-5
+  init_std: float = 0.02
+  max_seq_len: int = 2048
+  position: str = "rope"
+  rope_theta: float = 10000.0
+  rope_scaling: str = "none"
+  rope_scaling_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_len: int = 8192
+  attention_backend: str = "xla"
+  param_dtype: str = "float32"
+  dtype: str = "bfloat16"
+  remat: str = "none"
+
+  # Derived sizes: read these, never the raw zero-means-default fields.
+  @property
+  def kv_heads(self) -> int:
+    return self.num_kv_heads or self.num_heads
+
+  @property
+  def head_size(self) -> int:
+    return self.head_dim or self.embed_dim // self.num_heads
+
+  @property
+  def hidden_dim(self) -> int:
+    if self.mlp_dim:
+      return self.mlp_dim
+    hidden = int(2 * 4 * self.embed_dim / 3)
+    multiple = self.mlp_multiple_of
+    return multiple * ((hidden + multiple - 1) // multiple)
+
+  @property
+  def compute_dtype(self) -> jnp.dtype:
+    return jnp.dtype(self.dtype)
+
+  @property
+  def weight_dtype(self) -> jnp.dtype:
+    return jnp.dtype(self.param_dtype)
+
+  def validate(self, prefix: str = "model") -> None:
+    for name in ("vocab_size", "embed_dim", "num_layers", "num_heads",
+                 "max_seq_len", "mlp_multiple_of"):
+      check(getattr(self, name) > 0, f"{prefix}.{name}", "must be positive")
+    for name in ("num_kv_heads", "head_dim", "mlp_dim"):
+      check(getattr(self, name) >= 0, f"{prefix}.{name}",
+            "must be >= 0 (0 means derived)")
+    check(self.num_heads % self.kv_heads == 0, f"{prefix}.num_kv_heads",
+          f"num_heads={self.num_heads} must be a multiple of num_kv_heads="
+          f"{self.kv_heads}")
+    check(self.head_dim or self.embed_dim % self.num_heads == 0,
+          f"{prefix}.num_heads",
+          f"embed_dim={self.embed_dim} is not divisible by num_heads="
+          f"{self.num_heads}; set model.head_dim explicitly")
+    check(self.position != "rope" or self.head_size % 2 == 0,
+          f"{prefix}.head_dim", "RoPE needs an even head size")
+    check_choice(self.position, POSITION_ENCODINGS, f"{prefix}.position")
+    check_choice(self.rope_scaling, ROPE_SCALINGS, f"{prefix}.rope_scaling")
+    check_choice(self.attention_backend, ATTENTION_BACKENDS,
+                 f"{prefix}.attention_backend")
+    check_choice(self.remat, REMAT_POLICIES, f"{prefix}.remat")
+    check_choice(self.param_dtype, DTYPES, f"{prefix}.param_dtype")
+    check_choice(self.dtype, DTYPES, f"{prefix}.dtype")
+    check(self.rope_scaling == "none" or self.rope_scaling_factor >= 1.0,
+          f"{prefix}.rope_scaling_factor", "must be >= 1 when scaling RoPE")
+    check(self.norm_eps > 0, f"{prefix}.norm_eps", "must be positive")
+
+  def check_platform(self, platform: str | None = None,
+                     prefix: str = "model") -> None:
+    """Fails early when this platform cannot run the chosen kernels."""
+    platform = platform or jax.default_backend()
+    others = [b for b in ATTENTION_BACKENDS if b not in ("cudnn", "splash")]
+    if self.attention_backend == "cudnn":
+      check(platform == "gpu", f"{prefix}.attention_backend",
+            f"'cudnn' (flash attention) needs an NVIDIA GPU but this platform "
+            f"is {platform!r}; use one of {others}")
+    if self.attention_backend == "splash":
+      check(platform == "tpu", f"{prefix}.attention_backend",
+            f"'splash' (Pallas flash attention) needs a TPU but this platform "
+            f"is {platform!r}; use one of {others}")
+    if self.remat == "offload_dots":
+      check(platform in ("gpu", "tpu"), f"{prefix}.remat",
+            f"'offload_dots' moves activations to pinned host memory, which "
+            f"platform {platform!r} lacks; use 'save_dots' or 'full'")

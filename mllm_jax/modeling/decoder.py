@@ -1,0 +1,136 @@
+"""The LLaMA-family decoder: embed -> scanned pre-norm blocks -> norm -> logits.
+
+Blocks are created stacked (a leading `layers` axis on every parameter) and
+run with `jax.lax.scan`, so compile time does not grow with depth; the scan
+body is rematerialised according to `model.remat`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mllm_jax.modeling.attention import Attention, KVCache, attention_mask
+from mllm_jax.modeling.config import ModelConfig
+from mllm_jax.modeling.layers import MLP, Embed, RMSNorm, alibi_bias, param
+from mllm_jax.parallel.sharding import constrain
+
+ACTIVATION = ("act_batch", "act_length", "act_embed")
+
+
+def remat_policy(name: str):
+  """`model.remat` -> (wrap with jax.checkpoint?, saveable policy)."""
+  policies = jax.checkpoint_policies
+  return {
+      "none": (False, None),
+      "full": (True, policies.nothing_saveable),
+      "save_dots": (True, policies.dots_with_no_batch_dims_saveable),
+      "offload_dots": (True, policies.offload_dot_with_no_batch_dims(
+          "device", "pinned_host")),
+  }[name]
+
+
+class Block(nnx.Module):
+  """x + attn(norm(x)), then x + mlp(norm(x))."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.attn_norm = RMSNorm(cfg.embed_dim, cfg, rngs)
+    self.attn = Attention(cfg, rngs)
+    self.mlp_norm = RMSNorm(cfg.embed_dim, cfg, rngs)
+    self.mlp = MLP(cfg, rngs)
+
+  def __call__(self, x, positions, segment_ids, mask, bias, layer_cache,
+               cache_index, has_prefix):
+    h, layer_cache = self.attn(self.attn_norm(x), positions, segment_ids, mask,
+                               bias, layer_cache, cache_index, has_prefix)
+    x = constrain(x + h, ACTIVATION)
+    x = constrain(x + self.mlp(self.mlp_norm(x)), ACTIVATION)
+    return x, layer_cache
+
+
+class Decoder(nnx.Module):
+  """Token ids -> float32 logits, optionally through a KV cache."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embed = Embed(cfg, rngs)
+
+    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0,
+              transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def stacked_blocks(rngs):
+      return Block(cfg, rngs)
+
+    self.blocks = stacked_blocks(rngs)
+    self.final_norm = RMSNorm(cfg.embed_dim, cfg, rngs)
+    if not cfg.tie_embeddings:
+      self.lm_head = param(rngs, (cfg.embed_dim, cfg.vocab_size),
+                           ("embed", "vocab"), cfg.weight_dtype, cfg.init_std)
+
+  def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None,
+               prefix_mask: jax.Array | None = None,
+               cache: KVCache | None = None):
+    """Runs the decoder on tokens [B, T].
+
+    positions: [B, T] ids for RoPE/ALiBi (default 0..T-1).
+    segment_ids: [B, T] packed-example ids, 0 for padding (default all 1).
+    prefix_mask: [B, T] bool, True where attention is bidirectional.
+    cache: a KVCache to append these T tokens to (prefill or decode step).
+    Returns logits [B, T, V] (float32), or (logits, cache) with a cache.
+    """
+    cfg = self.cfg
+    b, t = tokens.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    if segment_ids is None:
+      segment_ids = jnp.ones((b, t), jnp.int32)
+    has_prefix = prefix_mask is not None
+    q_prefix = (prefix_mask if has_prefix else jnp.zeros((b, t), bool))
+
+    q_slots = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    if cache is None:
+      k_segments, k_positions, k_prefix, k_slots = (
+          segment_ids, positions, q_prefix, q_slots)
+    else:
+      cache = cache.append_slots(segment_ids, positions, q_prefix)
+      q_slots = q_slots + cache.index
+      k_slots = jnp.broadcast_to(
+          jnp.arange(cache.max_len, dtype=jnp.int32), (b, cache.max_len))
+      k_segments, k_positions, k_prefix = (
+          cache.segment_ids, cache.positions, cache.prefix)
+    mask = attention_mask(segment_ids, k_segments, q_slots, k_slots,
+                          q_prefix if has_prefix or cache is not None else None,
+                          k_prefix)
+    bias = (alibi_bias(positions, k_positions, cfg.num_heads)
+            if cfg.position == "alibi" else None)
+
+    x = constrain(self.embed(tokens), ACTIVATION)
+    graphdef, block_state = nnx.split(self.blocks)
+    cache_index = None if cache is None else cache.index
+
+    def layer(x, scanned):
+      state, layer_cache = scanned
+      block = nnx.merge(graphdef, state)
+      return block(x, positions, segment_ids, mask, bias, layer_cache,
+                   cache_index, has_prefix)
+
+    use_remat, policy = remat_policy(cfg.remat)
+    if use_remat:
+      layer = jax.checkpoint(layer, policy=policy, prevent_cse=False)
+    layer_caches = None if cache is None else (cache.k, cache.v)
+    x, new_kv = jax.lax.scan(layer, x, (block_state, layer_caches))
+
+    x = self.final_norm(x)
+    if cfg.tie_embeddings:
+      logits = self.embed.attend(x)
+    else:
+      logits = jnp.einsum("btd,dv->btv", x,
+                          self.lm_head[...].astype(cfg.compute_dtype),
+                          preferred_element_type=jnp.float32)
+    logits = constrain(logits, ("act_batch", "act_length", "act_vocab"))
+    if cache is None:
+      return logits
+    cache = cache.replace(k=new_kv[0], v=new_kv[1], index=cache.index + t)
+    return logits, cache

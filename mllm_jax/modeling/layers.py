@@ -1,0 +1,149 @@
+"""Building blocks of the LLaMA decoder: parameters with logical axes,
+RMSNorm, the SwiGLU MLP, token embedding, RoPE and ALiBi."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mllm_jax.modeling.config import ModelConfig
+from mllm_jax.parallel.sharding import constrain
+
+
+def param(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str | None],
+          dtype: jnp.dtype, std: float | None) -> nnx.Param:
+  """A parameter tagged with logical axis names (std=None means ones).
+
+  The names become shardings through the config's rules table; Flax's own
+  eager sharding is off so that modules build the same with or without a mesh.
+  """
+  if std is None:
+    value = jnp.ones(shape, dtype)
+  else:
+    value = std * jax.random.truncated_normal(
+        rngs.params(), -2.0, 2.0, shape, jnp.float32)
+    value = value.astype(dtype)
+  return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
+
+
+class RMSNorm(nnx.Module):
+  """Root-mean-square norm computed in float32 (no bias, no mean removal)."""
+
+  def __init__(self, dim: int, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.scale = param(rngs, (dim,), ("norm",), cfg.weight_dtype, None)
+    self.eps = cfg.norm_eps
+    self.dtype = cfg.compute_dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True)
+                              + self.eps)
+    return (x32.astype(self.dtype) * self.scale[...].astype(self.dtype))
+
+
+class MLP(nnx.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x)), no biases."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    d, h, dt = cfg.embed_dim, cfg.hidden_dim, cfg.weight_dtype
+    out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
+    self.gate = param(rngs, (d, h), ("embed", "mlp"), dt, cfg.init_std)
+    self.up = param(rngs, (d, h), ("embed", "mlp"), dt, cfg.init_std)
+    self.down = param(rngs, (h, d), ("mlp", "embed"), dt, out_std)
+    self.dtype = cfg.compute_dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    dt = self.dtype
+    gate = jnp.einsum("btd,dh->bth", x, self.gate[...].astype(dt))
+    up = jnp.einsum("btd,dh->bth", x, self.up[...].astype(dt))
+    hidden = constrain(jax.nn.silu(gate) * up,
+                       ("act_batch", "act_length", "act_mlp"))
+    return jnp.einsum("bth,hd->btd", hidden, self.down[...].astype(dt))
+
+
+class Embed(nnx.Module):
+  """Token embedding; `attend` is the tied LM head (logits in float32)."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.table = param(rngs, (cfg.vocab_size, cfg.embed_dim),
+                       ("vocab", "embed"), cfg.weight_dtype, cfg.init_std)
+    self.dtype = cfg.compute_dtype
+
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    return jnp.take(self.table[...], tokens, axis=0).astype(self.dtype)
+
+  def attend(self, x: jax.Array) -> jax.Array:
+    return jnp.einsum("btd,vd->btv", x, self.table[...].astype(self.dtype),
+                      preferred_element_type=jnp.float32)
+
+
+# ----------------------------------------------------------------------------
+# Positions
+# ----------------------------------------------------------------------------
+
+
+def rope_frequencies(cfg: ModelConfig) -> np.ndarray:
+  """Inverse frequencies (head_size/2,), with linear or LLaMA-3 scaling."""
+  dim = cfg.head_size
+  inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64)
+                                       / dim))
+  factor = cfg.rope_scaling_factor
+  if cfg.rope_scaling == "linear":
+    inv_freq = inv_freq / factor
+  elif cfg.rope_scaling == "llama3":
+    # Long wavelengths are slowed by `factor`, short ones kept, and the band
+    # between interpolated smoothly (LLaMA 3.1's recipe).
+    old_len = cfg.rope_original_max_len
+    low, high = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    wavelen = 2 * np.pi / inv_freq
+    smooth = (old_len / wavelen - low) / (high - low)
+    interpolated = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    inv_freq = np.where(wavelen > old_len / low, inv_freq / factor,
+                        np.where(wavelen < old_len / high, inv_freq,
+                                 interpolated))
+  return inv_freq.astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array,
+               inv_freq: np.ndarray) -> jax.Array:
+  """Rotates [B, T, H, D] by position, in the rotate-half layout.
+
+  The two rotated coordinates of a pair sit D/2 apart (the HuggingFace layout);
+  Meta's original checkpoints interleave them instead, see convert/.
+  """
+  angles = positions.astype(jnp.float32)[:, :, None] * inv_freq  # [B,T,D/2]
+  cos = jnp.cos(angles)[:, :, None, :]
+  sin = jnp.sin(angles)[:, :, None, :]
+  x32 = x.astype(jnp.float32)
+  x1, x2 = jnp.split(x32, 2, axis=-1)
+  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+  return rotated.astype(x.dtype)
+
+
+def alibi_slopes(num_heads: int) -> np.ndarray:
+  """Per-head ALiBi slopes: a geometric sequence, interleaved when the head
+  count is not a power of two (as in the ALiBi paper's reference code)."""
+  def power_of_2(n):
+    start = 2.0 ** (-(2.0 ** -(math.log2(n) - 3)))
+    return [start * start ** i for i in range(n)]
+  if math.log2(num_heads).is_integer():
+    slopes = power_of_2(num_heads)
+  else:
+    closest = 2 ** math.floor(math.log2(num_heads))
+    slopes = power_of_2(closest) + power_of_2(2 * closest)[0::2][
+        :num_heads - closest]
+  return np.asarray(slopes, np.float32)
+
+
+def alibi_bias(q_positions: jax.Array, k_positions: jax.Array,
+               num_heads: int) -> jax.Array:
+  """[B, H, T, S] additive bias: -slope * distance between positions."""
+  distance = (q_positions[:, :, None] - k_positions[:, None, :]).astype(
+      jnp.float32)
+  slopes = jnp.asarray(alibi_slopes(num_heads))
+  return -jnp.abs(distance)[:, None] * slopes[None, :, None, None]

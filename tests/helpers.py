@@ -1,0 +1,85 @@
+"""Shared test helpers: tiny models and an independent NumPy reference."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+from flax import nnx
+
+from configs.models import model_config
+from mllm_jax.configlib import from_config
+from mllm_jax.modeling import Decoder, ModelConfig
+
+
+def tiny_config(preset: str = "tiny", **overrides) -> ModelConfig:
+  return from_config(ModelConfig, model_config(preset, **overrides), "model")
+
+
+def tiny_model(preset: str = "tiny", seed: int = 0, **overrides):
+  cfg = tiny_config(preset, **overrides)
+  return cfg, Decoder(cfg, rngs=nnx.Rngs(seed))
+
+
+def with_config(model: Decoder, cfg: ModelConfig) -> Decoder:
+  """The same weights under another config (e.g. another attention backend)."""
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: Decoder(cfg, nnx.Rngs(0))))
+  return nnx.merge(graphdef, nnx.state(model))
+
+
+def rel_err(a, b) -> float:
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def numpy_forward(model: Decoder, tokens: np.ndarray) -> np.ndarray:
+  """Plain multi-head causal LLaMA forward in float64 NumPy, head by head.
+
+  Written independently of the JAX code (loops, explicit rotate-half RoPE),
+  so agreement is evidence that both are right.
+  """
+  cfg: ModelConfig = model.cfg
+  p = jax.tree.map(lambda x: np.asarray(x, np.float64),
+                   nnx.to_pure_dict(nnx.state(model)))
+  b, t = tokens.shape
+  h, kv, d = cfg.num_heads, cfg.kv_heads, cfg.head_size
+
+  def rms(x, scale):
+    return x / np.sqrt((x * x).mean(-1, keepdims=True) + cfg.norm_eps) * scale
+
+  inv = 1.0 / cfg.rope_theta ** (np.arange(0, d, 2) / d)
+  ang = np.arange(t)[:, None] * inv[None]
+  cos, sin = np.cos(ang), np.sin(ang)
+
+  def rope(x):  # [t, d]
+    x1, x2 = x[:, :d // 2], x[:, d // 2:]
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+
+  x = p["embed"]["table"][tokens]
+  blk = p["blocks"]
+  for layer in range(cfg.num_layers):
+    w = jax.tree.map(lambda a: a[layer], blk)
+    y = rms(x, w["attn_norm"]["scale"])
+    out = np.zeros((b, t, h, d))
+    for bi in range(b):
+      for hi in range(h):
+        kvi = hi // (h // kv)
+        q = rope(y[bi] @ w["attn"]["q"][:, hi])
+        k = rope(y[bi] @ w["attn"]["k"][:, kvi])
+        v = y[bi] @ w["attn"]["v"][:, kvi]
+        s = q @ k.T / np.sqrt(d)
+        s = np.where(np.tril(np.ones((t, t), bool)), s, -np.inf)
+        s = np.exp(s - s.max(-1, keepdims=True))
+        out[bi, :, hi] = (s / s.sum(-1, keepdims=True)) @ v
+    x = x + np.einsum("bthk,hkd->btd", out, w["attn"]["o"])
+    y = rms(x, w["mlp_norm"]["scale"])
+    gate, up = y @ w["mlp"]["gate"], y @ w["mlp"]["up"]
+    x = x + (gate / (1 + np.exp(-gate)) * up) @ w["mlp"]["down"]
+  x = rms(x, p["final_norm"]["scale"])
+  head = (p["embed"]["table"].T if cfg.tie_embeddings else p["lm_head"])
+  return x @ head
+
+
+def replace(cfg: ModelConfig, **changes) -> ModelConfig:
+  return dataclasses.replace(cfg, **changes)

@@ -1,0 +1,179 @@
+"""Numerics of the decoder: attention variants, masks, the KV cache, dtypes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mllm_jax.modeling import KVCache
+from mllm_jax.modeling.layers import alibi_slopes, rope_frequencies
+from mllm_jax.train.losses import token_cross_entropy
+from tests.helpers import (numpy_forward, rel_err, replace, tiny_config,
+                           tiny_model, with_config)
+
+TOKENS = np.random.RandomState(0).randint(0, 512, (2, 11))
+
+
+@pytest.mark.parametrize("preset", ["tiny_mha", "tiny", "tiny_mqa"])
+def test_matches_independent_numpy_reference(preset):
+  _, model = tiny_model(preset)
+  assert rel_err(model(TOKENS), numpy_forward(model, TOKENS)) < 1e-5
+
+
+def test_gqa_with_all_kv_heads_is_multi_head():
+  """num_kv_heads == num_heads is plain MHA: same as repeating GQA's K/V."""
+  cfg, gqa = tiny_model("tiny")  # 4 query heads share 2 K/V heads
+  _, mha = tiny_model("tiny_mha")
+  assert mha.cfg.kv_heads == mha.cfg.num_heads
+  state = nnx.state(gqa)
+  groups = cfg.num_heads // cfg.kv_heads
+  mha_state = nnx.state(mha)
+  attn = state["blocks"]["attn"]
+  for name in ("k", "v"):
+    attn[name] = attn[name].replace(
+        value=jnp.repeat(attn[name].get_value(), groups, axis=2))
+  nnx.update(mha, state)
+  assert rel_err(mha(TOKENS), gqa(TOKENS)) < 1e-6
+
+
+def test_packed_batch_equals_examples_one_by_one():
+  _, model = tiny_model("tiny")
+  rng = np.random.RandomState(1)
+  lengths = [5, 7, 3]
+  examples = [rng.randint(1, 512, n) for n in lengths]
+  pad = 2
+  tokens = np.concatenate(examples + [np.zeros(pad, int)])[None]
+  segment_ids = np.concatenate(
+      [np.full(n, i + 1) for i, n in enumerate(lengths)] + [np.zeros(pad)])
+  positions = np.concatenate([np.arange(n) for n in lengths + [pad]])
+  targets = np.roll(tokens, -1, axis=1)
+  packed = token_cross_entropy(
+      model(tokens, positions[None], segment_ids[None].astype(np.int32)),
+      targets)[0]
+  start = 0
+  for ex in examples:
+    alone = token_cross_entropy(model(ex[None]), np.roll(ex, -1)[None])[0]
+    n = len(ex) - 1  # the last token's target belongs to the next example
+    np.testing.assert_allclose(packed[start:start + n], alone[:n], rtol=1e-5,
+                               atol=1e-6)
+    start += len(ex)
+
+
+@pytest.mark.parametrize("preset,overrides", [
+    ("tiny", {}), ("tiny_mqa", {}), ("tiny", {"position": "alibi"}),
+    ("tiny", {"tie_embeddings": True})])
+def test_kv_cache_decoding_equals_full_forward(preset, overrides):
+  cfg, model = tiny_model(preset, **overrides)
+  full = model(TOKENS)
+  cache = KVCache.create(cfg, batch=2, max_len=16)
+  step = nnx.jit(lambda m, t, p, c: m(t, positions=p, cache=c))
+  logits, cache = step(model, TOKENS[:, :4], jnp.tile(jnp.arange(4), (2, 1)),
+                       cache)
+  pieces = [logits]
+  for i in range(4, TOKENS.shape[1]):
+    logits, cache = step(model, TOKENS[:, i:i + 1], jnp.full((2, 1), i), cache)
+    pieces.append(logits)
+  assert int(cache.index) == TOKENS.shape[1]
+  assert rel_err(jnp.concatenate(pieces, axis=1), full) < 1e-5
+
+
+def test_prefix_is_bidirectional_and_the_rest_causal():
+  _, model = tiny_model("tiny")
+  prefix = np.zeros((2, 11), bool)
+  prefix[:, :4] = True
+  base = model(TOKENS, prefix_mask=prefix)
+  changed = TOKENS.copy()
+  changed[:, 3] = (changed[:, 3] + 1) % 512  # last prefix token
+  out = model(changed, prefix_mask=prefix)
+  # Earlier prefix tokens see the change (bidirectional) ...
+  assert np.abs(out[:, 0] - base[:, 0]).max() > 1e-4
+  # ... while without a prefix they cannot (causal).
+  assert np.allclose(model(changed)[:, :3], model(TOKENS)[:, :3], atol=1e-6)
+  # Tokens after the prefix still only see the past.
+  later = changed.copy()
+  later[:, 8] = (later[:, 8] + 1) % 512
+  np.testing.assert_allclose(model(later, prefix_mask=prefix)[:, :8],
+                             out[:, :8], atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["dot_product", "splash"])
+def test_attention_backends_agree_with_reference(backend):
+  cfg, model = tiny_model("tiny")
+  other = with_config(model, replace(cfg, attention_backend=backend))
+  t = 128  # splash works in whole blocks
+  tokens = np.random.RandomState(2).randint(0, 512, (2, t))
+  segment_ids = np.where(np.arange(t) < 50, 1, 2)[None].repeat(2, 0)
+  positions = np.where(np.arange(t) < 50, np.arange(t), np.arange(t) - 50)
+  positions = positions[None].repeat(2, 0)
+  assert rel_err(other(tokens, positions, segment_ids),
+                 model(tokens, positions, segment_ids)) < 1e-5
+
+
+def test_dot_product_backend_with_prefix_and_alibi():
+  cfg, model = tiny_model("tiny", position="alibi")
+  other = with_config(model, replace(cfg, attention_backend="dot_product"))
+  prefix = np.zeros((2, 11), bool)
+  prefix[:, :3] = True
+  assert rel_err(other(TOKENS, prefix_mask=prefix),
+                 model(TOKENS, prefix_mask=prefix)) < 1e-5
+
+
+def test_splash_refuses_prefix_with_a_named_alternative():
+  cfg, model = tiny_model("tiny")
+  other = with_config(model, replace(cfg, attention_backend="splash"))
+  with pytest.raises(ValueError, match="attention_backend='splash'"):
+    other(TOKENS, prefix_mask=np.ones((2, 11), bool))
+
+
+@pytest.mark.parametrize("policy", ["full", "save_dots"])
+def test_remat_policies_leave_gradients_unchanged(policy):
+  cfg, model = tiny_model("tiny")
+  remat = with_config(model, replace(cfg, remat=policy))
+
+  def grads(m):
+    def loss(m):
+      return token_cross_entropy(m(TOKENS), np.roll(TOKENS, -1, 1)).mean()
+    return jax.tree.leaves(nnx.grad(loss)(m))
+
+  for a, b in zip(grads(remat), grads(model)):
+    assert rel_err(a, b) < 1e-5
+
+
+def test_mixed_precision_keeps_float32_params_and_logits():
+  cfg, model = tiny_model("tiny", dtype="bfloat16")
+  params = jax.tree.leaves(nnx.state(model, nnx.Param))
+  assert all(p.dtype == jnp.float32 for p in params)
+  logits = model(TOKENS)
+  assert logits.dtype == jnp.float32
+  exact = with_config(model, replace(cfg, dtype="float32"))(TOKENS)
+  assert rel_err(logits, exact) < 5e-2  # bf16 rounding, not a different model
+  cfg16, model16 = tiny_model("tiny", param_dtype="bfloat16")
+  assert all(p.dtype == jnp.bfloat16
+             for p in jax.tree.leaves(nnx.state(model16, nnx.Param)))
+  assert model16(TOKENS).dtype == jnp.float32
+
+
+def test_alibi_slopes_follow_the_paper():
+  np.testing.assert_allclose(alibi_slopes(8), 2.0 ** -np.arange(1, 9))
+  # Not a power of two: the 8 slopes of 8 heads, then odd ones of 16.
+  np.testing.assert_allclose(
+      alibi_slopes(12)[8:], (2.0 ** -(np.arange(1, 17) / 2))[0::2][:4])
+
+
+def test_rope_scaling_variants():
+  base = rope_frequencies(tiny_config("tiny"))
+  linear = rope_frequencies(tiny_config("tiny", rope_scaling="linear",
+                                        rope_scaling_factor=4.0))
+  np.testing.assert_allclose(linear, base / 4, rtol=1e-6)
+  cfg = tiny_config("tiny", rope_scaling="llama3", rope_scaling_factor=8.0,
+                    rope_original_max_len=64, rope_theta=500000.0)
+  scaled = rope_frequencies(cfg)
+  plain = rope_frequencies(replace(cfg, rope_scaling="none"))
+  wavelen = 2 * np.pi / plain
+  high = wavelen < 64 / 4.0   # short wavelengths: unchanged
+  low = wavelen > 64 / 1.0    # long wavelengths: slowed by the factor
+  np.testing.assert_allclose(scaled[high], plain[high], rtol=1e-6)
+  np.testing.assert_allclose(scaled[low], plain[low] / 8, rtol=1e-6)
+  mid = ~high & ~low
+  assert np.all((scaled[mid] <= plain[mid]) & (scaled[mid] >= plain[mid] / 8))

@@ -42,7 +42,9 @@ def model_config(name: str, **overrides) -> ml_collections.ConfigDict:
   if name not in PRESETS:
     raise ValueError(f"unknown model preset {name!r}; known: {sorted(PRESETS)}")
   model = ModelConfig(**{**PRESETS[name], **overrides})
-  return ml_collections.ConfigDict(dataclasses.asdict(model))
+  config = ml_collections.ConfigDict(dataclasses.asdict(model))
+  config.lock()  # a misspelt field is an error, not a new field
+  return config
 
 
 def get_config(name: str = "tiny") -> ml_collections.ConfigDict:

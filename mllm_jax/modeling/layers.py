@@ -75,7 +75,10 @@ class Embed(nnx.Module):
     self.dtype = cfg.compute_dtype
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
-    return jnp.take(self.table[...], tokens, axis=0).astype(self.dtype)
+    # Look up in a whole (replicated) table, cast first to halve the gather:
+    # a batch-sharded lookup cannot be partitioned over a sharded table.
+    table = constrain(self.table[...].astype(self.dtype), (None, None))
+    return jnp.take(table, tokens, axis=0)
 
   def attend(self, x: jax.Array) -> jax.Array:
     return jnp.einsum("btd,vd->btv", x, self.table[...].astype(self.dtype),

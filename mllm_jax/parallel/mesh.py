@@ -81,11 +81,13 @@ def make_mesh(cfg: ParallelConfig,
   """A mesh with axes MESH_AXES over `devices` (default: all of them).
 
   `jax.make_mesh` orders devices to follow the physical interconnect, so the
-  innermost axis (`tensor`) gets the fastest links.
+  innermost axis (`tensor`) gets the fastest links. Axes are `Auto`: the
+  compiler propagates shardings from parameters and `constrain` calls.
   """
   devices = list(devices if devices is not None else jax.devices())
   shape = cfg.resolved_shape(len(devices))
-  return jax.make_mesh(shape, MESH_AXES, devices=devices)
+  auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
 
 
 def check_divisible(cfg: ParallelConfig, num_devices: int, *, num_heads: int,

@@ -1,0 +1,1 @@
+"""absl binaries, one per job (`python -m launch.<name> --help`)."""

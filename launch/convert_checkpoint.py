@@ -1,0 +1,83 @@
+r"""Converts LLaMA checkpoints between HuggingFace and native (Orbax) formats.
+
+  # HuggingFace directory (config.json + *.safetensors) -> native checkpoint
+  python -m launch.convert_checkpoint --from=hf --input=HF_DIR --output=DIR
+
+  # native checkpoint -> a directory LlamaForCausalLM.from_pretrained loads
+  python -m launch.convert_checkpoint --from=native --input=DIR \
+      --output=HF_DIR [--weight_dtype=bfloat16] [--max_shard_mb=5120]
+
+Only plain LlamaForCausalLM models convert; anything our decoder would compute
+differently (biases, other activations or RoPE variants) is refused with the
+config field named. Tokenizer files are not copied: copy them alongside.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+
+from mllm_jax.configlib import ConfigError
+from mllm_jax.convert import hf
+
+_FROM = flags.DEFINE_enum(
+    "from", None, ["hf", "native"],
+    "Format of --input: 'hf' (a HuggingFace LLaMA directory) or 'native' "
+    "(model_config.json + Orbax params); the output is the other one.")
+_INPUT = flags.DEFINE_string("input", None, "Checkpoint directory to read.")
+_OUTPUT = flags.DEFINE_string("output", None, "Directory to write.")
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite", False, "Replace a checkpoint already in --output.")
+_WEIGHT_DTYPE = flags.DEFINE_enum(
+    "weight_dtype", None, ["float32", "bfloat16", "float16"],
+    "--from=hf: the native model.param_dtype (default float32, exact for any "
+    "HF dtype). --from=native: dtype of the written safetensors (default: "
+    "the checkpoint's param_dtype).")
+_DTYPE = flags.DEFINE_enum(
+    "dtype", None, ["float32", "bfloat16", "float16"],
+    "--from=hf only: the native model.dtype used for compute (default: "
+    "ModelConfig's).")
+_MAX_SHARD_MB = flags.DEFINE_integer(
+    "max_shard_mb", 5120,
+    "--from=native only: split model.safetensors into shards of at most this "
+    "many MiB, with a model.safetensors.index.json.")
+
+
+def convert() -> None:
+  """Runs the conversion the flags ask for and logs what was written."""
+  if _FROM.value == "hf":
+    overrides = {}
+    if _WEIGHT_DTYPE.value:
+      overrides["param_dtype"] = _WEIGHT_DTYPE.value
+    if _DTYPE.value:
+      overrides["dtype"] = _DTYPE.value
+    cfg = hf.hf_to_native(_INPUT.value, _OUTPUT.value, _OVERWRITE.value,
+                          **overrides)
+  else:
+    if _DTYPE.value:
+      raise app.UsageError("--dtype applies to --from=hf only")
+    cfg = hf.native_to_hf(_INPUT.value, _OUTPUT.value, _WEIGHT_DTYPE.value,
+                          _MAX_SHARD_MB.value * 2**20, _OVERWRITE.value)
+  logging.info("wrote %s (%d layers, embed %d, %d heads / %d kv heads)",
+               _OUTPUT.value, cfg.num_layers, cfg.embed_dim, cfg.num_heads,
+               cfg.kv_heads)
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  for flag in (_FROM, _INPUT, _OUTPUT):
+    if not flag.value:
+      raise app.UsageError(f"--{flag.name} is required")
+  if _MAX_SHARD_MB.value <= 0:
+    raise app.UsageError("--max_shard_mb must be positive")
+  try:
+    convert()
+  except (ConfigError, FileNotFoundError, FileExistsError) as e:
+    # Bad input is the user's to fix: say what, without a traceback.
+    sys.exit(f"convert_checkpoint: error: {e}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -2,7 +2,8 @@
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
-EXTRAS := test,data,beam
+# beam is installed by the data pipeline's Beam tests' own target when used.
+EXTRAS := test,data
 # 8 simulated CPU devices so sharding is exercised without an accelerator.
 CPU_ENV := JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=8
 DATA := .cache/data

@@ -21,6 +21,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["mllm_jax*", "data_pipeline*", "launch*",
                                     "configs*"]),
+    package_data={"data_pipeline": ["assets/*.txt"]},
     install_requires=requirements("core"),
     extras_require={
         name: requirements(name)

@@ -1,0 +1,1 @@
+"""Data pipeline recipes (ml_collections configs)."""

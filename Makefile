@@ -2,8 +2,7 @@
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
-# beam is installed by the data pipeline's Beam tests' own target when used.
-EXTRAS := test,data
+EXTRAS := test,data,beam
 # 8 simulated CPU devices so sharding is exercised without an accelerator.
 CPU_ENV := JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=8
 DATA := .cache/data

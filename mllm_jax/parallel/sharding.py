@@ -91,13 +91,17 @@ def logical_axes(variable: nnx.Variable) -> tuple[str | None, ...]:
 def param_shardings(state: Any, mesh: Mesh, rules: Rules) -> Any:
   """The state's structure with a NamedSharding in place of each value.
 
+  Parameters (and optimizer moments, which keep their Variable wrappers) are
+  sharded by their logical axes; other arrays (step counters) are replicated.
   Works on abstract (eval_shape) or concrete state. Fails naming the parameter
   when a dimension does not divide the mesh axes its rule maps it to.
   """
-  def sharding(path, variable):
-    names = logical_axes(variable)
+  def sharding(path, leaf):
+    if not isinstance(leaf, nnx.Variable):
+      return NamedSharding(mesh, PartitionSpec())
+    names = logical_axes(leaf)
     spec = logical_to_spec(names, rules, mesh)
-    for dim, size in enumerate(variable.get_value().shape):
+    for dim, size in enumerate(leaf.get_value().shape):
       parts = shard_size(spec, dim, mesh)
       if size % parts:
         raise ConfigError(
@@ -105,7 +109,7 @@ def param_shardings(state: Any, mesh: Mesh, rules: Rules) -> Any:
             f"{dim} ('{names[dim]}', size {size}) is not divisible by mesh "
             f"axes {spec[dim]} of size {parts}; change the mesh or map "
             f"'{names[dim]}' to None in the rules")
-    return variable.replace(value=NamedSharding(mesh, spec))
+    return leaf.replace(value=NamedSharding(mesh, spec))
 
   return jax.tree_util.tree_map_with_path(
       sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))

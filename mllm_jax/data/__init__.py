@@ -1,0 +1,1 @@
+"""Tokenizers, token shards and the Grain pretraining pipeline (docs/data.md)."""

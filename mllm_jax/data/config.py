@@ -1,0 +1,93 @@
+"""The pretraining data config: a mixture of token-shard sources.
+
+    sources = (("commoncrawl", "/data/cc/*.tokens.npy", 67.0, 1.10), ...)
+
+Each source is (name, shard glob, weight, epochs). Weights are sampling
+proportions of *tokens* (as in the LLaMA table) unless weight_by="documents";
+they need not sum to one. `epochs` caps how often a source is seen in one pass
+of the mixture: a pass ends when the first source reaches its cap (so no
+source is ever over-sampled), after which the iterator stops, or with
+repeat=True starts a freshly shuffled pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, NamedTuple
+
+from mllm_jax.configlib import check, check_choice
+
+WEIGHT_BY = ("tokens", "documents")
+
+
+class Source(NamedTuple):
+  name: str
+  path: str      # glob of *.tokens.npy files, or a directory of shards
+  weight: float
+  epochs: float
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Fields are validated by `validate` (run by configlib.from_config)."""
+  sources: tuple = ()
+  tokenizer: str = ""
+  seq_len: int = 2048
+  seed: int = 0
+  weight_by: str = "tokens"
+  repeat: bool = False
+  # Held-out data for perplexity: (name, shard glob) pairs, read in order.
+  eval_sources: tuple = ()
+
+  @property
+  def source_list(self) -> tuple[Source, ...]:
+    return tuple(_source(s) for s in self.sources)
+
+  @property
+  def eval_source_list(self) -> tuple[tuple[str, str], ...]:
+    return tuple((str(s[0]), str(s[1])) if not isinstance(s, Mapping)
+                 else (str(s["name"]), str(s["path"]))
+                 for s in self.eval_sources)
+
+  def validate(self, prefix: str = "data") -> None:
+    check(len(self.sources) > 0, f"{prefix}.sources",
+          "is empty; list at least one (name, path, weight, epochs)")
+    names = set()
+    for i, entry in enumerate(self.sources):
+      field = f"{prefix}.sources[{i}]"
+      try:
+        src = _source(entry)
+      except (TypeError, ValueError, KeyError) as e:
+        raise_error(field, f"expected (name, path, weight, epochs), got "
+                    f"{entry!r} ({e})")
+      field = f"{prefix}.sources[{i}] ({src.name})"
+      check(bool(src.name), field, "name is empty")
+      check(src.name not in names, field, "duplicate source name")
+      names.add(src.name)
+      check(bool(src.path), field, "path is empty")
+      check(src.weight > 0, field, f"weight must be positive, got {src.weight}")
+      check(src.epochs > 0, field, f"epochs must be positive, got {src.epochs}")
+    for i, entry in enumerate(self.eval_sources):
+      field = f"{prefix}.eval_sources[{i}]"
+      check(isinstance(entry, Mapping) or
+            (isinstance(entry, (tuple, list)) and len(entry) == 2),
+            field, f"expected (name, path), got {entry!r}")
+    check(bool(self.tokenizer), f"{prefix}.tokenizer",
+          "is empty; give a .model or tokenizer.json path")
+    check(self.seq_len > 0, f"{prefix}.seq_len", "must be positive")
+    check(0 <= self.seed < 2**32, f"{prefix}.seed", "must be in [0, 2**32)")
+    check_choice(self.weight_by, WEIGHT_BY, f"{prefix}.weight_by")
+
+
+def _source(entry: Any) -> Source:
+  if isinstance(entry, Mapping):
+    unknown = set(entry) - set(Source._fields)
+    if unknown:
+      raise KeyError(f"unknown key {sorted(unknown)[0]!r}")
+    entry = tuple(entry[k] for k in Source._fields)
+  name, path, weight, epochs = entry
+  return Source(str(name), str(path), float(weight), float(epochs))
+
+
+def raise_error(field: str, message: str) -> None:
+  check(False, field, message)

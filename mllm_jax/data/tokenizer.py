@@ -1,0 +1,315 @@
+"""One tokenizer interface over SentencePiece `.model` and HF `tokenizer.json`.
+
+Training makes a LLaMA-style SentencePiece BPE model: byte fallback (no text is
+ever unknown), digits split one per token, identity normalisation and no dummy
+prefix (decode gives back exactly the input), plus the project's special tokens as user-defined
+pieces, which always encode to one id wherever they appear in the text.
+
+Id layout of models trained here: 0 <pad>, 1 <unk>, 2 <s>, 3 </s>, then
+SPECIAL_TOKENS, then the 256 byte pieces, then the learned merges.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+import os
+from typing import Iterable, Iterator, Sequence
+
+import sentencepiece as spm
+
+from mllm_jax.data import readers
+
+# The one list of special tokens: chat roles, end of turn, image placeholder,
+# tool-call markers. Chat templates, the multimodal stages and the tool-use
+# stages look tokens up by these names with `special_token_id`.
+SYSTEM, USER, ASSISTANT = "<|system|>", "<|user|>", "<|assistant|>"
+END_OF_TURN = "<|eot|>"
+IMAGE = "<image>"
+TOOL_CALL, TOOL_CALL_END = "<tool_call>", "</tool_call>"
+TOOL_RESULT, TOOL_RESULT_END = "<tool_result>", "</tool_result>"
+SPECIAL_TOKENS = (SYSTEM, USER, ASSISTANT, END_OF_TURN, IMAGE, TOOL_CALL,
+                  TOOL_CALL_END, TOOL_RESULT, TOOL_RESULT_END)
+
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+
+
+class Tokenizer(abc.ABC):
+  """What every stage needs from a tokenizer; ids are plain Python ints."""
+
+  path: str
+
+  @abc.abstractmethod
+  def encode(self, text: str, add_bos: bool = False,
+             add_eos: bool = False) -> list[int]:
+    """Text -> ids; BOS/EOS only when asked (and when the vocab has them)."""
+
+  def encode_batch(self, texts: Sequence[str], add_bos: bool = False,
+                   add_eos: bool = False) -> list[list[int]]:
+    return [self.encode(t, add_bos, add_eos) for t in texts]
+
+  @abc.abstractmethod
+  def decode(self, ids: Iterable[int]) -> str:
+    """Ids -> text, special tokens included as their text."""
+
+  @property
+  @abc.abstractmethod
+  def vocab_size(self) -> int:
+    """Number of ids (a model's vocab_size must be at least this)."""
+
+  @property
+  @abc.abstractmethod
+  def bos_id(self) -> int:
+    """-1 when the vocabulary has no BOS token."""
+
+  @property
+  @abc.abstractmethod
+  def eos_id(self) -> int:
+    """-1 when the vocabulary has no EOS token."""
+
+  @property
+  @abc.abstractmethod
+  def pad_id(self) -> int:
+    """-1 when the vocabulary has no padding token."""
+
+  @abc.abstractmethod
+  def id_to_piece(self, token_id: int) -> str:
+    """The vocabulary entry for an id (e.g. '▁the', '<0x0A>')."""
+
+  @abc.abstractmethod
+  def _lookup(self, piece: str) -> int | None:
+    """The id of a whole vocabulary entry, None when absent."""
+
+  def special_token_id(self, name: str) -> int:
+    """The single id of a special token such as '<|eot|>'; a clear KeyError
+    when this vocabulary lacks it (e.g. a base model never extended)."""
+    token_id = self._lookup(name)
+    if token_id is None:
+      raise KeyError(f"special token {name!r} is not in the vocabulary of "
+                     f"{self.path}")
+    return token_id
+
+
+class SentencePieceTokenizer(Tokenizer):
+  """A SentencePiece `.model` file."""
+
+  def __init__(self, path: str):
+    self.path = path
+    self._sp = spm.SentencePieceProcessor()
+    try:
+      self._sp.Load(path)
+    except (OSError, RuntimeError) as e:
+      raise ValueError(f"{path}: not a SentencePiece model ({e})") from e
+
+  def encode(self, text: str, add_bos: bool = False,
+             add_eos: bool = False) -> list[int]:
+    return self._sp.Encode(text, add_bos=add_bos and self.bos_id >= 0,
+                           add_eos=add_eos and self.eos_id >= 0)
+
+  def encode_batch(self, texts: Sequence[str], add_bos: bool = False,
+                   add_eos: bool = False) -> list[list[int]]:
+    return self._sp.Encode(list(texts), add_bos=add_bos and self.bos_id >= 0,
+                           add_eos=add_eos and self.eos_id >= 0)
+
+  def decode(self, ids: Iterable[int]) -> str:
+    return self._sp.Decode([int(i) for i in ids])
+
+  @property
+  def vocab_size(self) -> int:
+    return self._sp.GetPieceSize()
+
+  @property
+  def bos_id(self) -> int:
+    return self._sp.bos_id()
+
+  @property
+  def eos_id(self) -> int:
+    return self._sp.eos_id()
+
+  @property
+  def pad_id(self) -> int:
+    return self._sp.pad_id()
+
+  def id_to_piece(self, token_id: int) -> str:
+    return self._sp.IdToPiece(int(token_id))
+
+  def _lookup(self, piece: str) -> int | None:
+    token_id = self._sp.PieceToId(piece)
+    if token_id == self._sp.unk_id() and piece != self.id_to_piece(token_id):
+      return None
+    return token_id
+
+
+# Names that mark BOS / EOS / padding in common tokenizer.json files, used when
+# no tokenizer_config.json sits next to the file.
+_HF_BOS = ("<s>", "<|begin_of_text|>", "<|startoftext|>", "<bos>")
+_HF_EOS = ("</s>", "<|end_of_text|>", "<|endoftext|>", "<eos>")
+_HF_PAD = ("<pad>", "<|padding|>", "[PAD]")
+
+
+class HFTokenizer(Tokenizer):
+  """A HuggingFace `tokenizers` JSON file (GPT-NeoX, OLMo, LLaMA-3, ...).
+
+  Which tokens are BOS/EOS/pad is not part of tokenizer.json: it is read from
+  a sibling tokenizer_config.json when present, else from well-known names.
+  """
+
+  def __init__(self, path: str):
+    import tokenizers  # pylint: disable=g-import-not-at-top
+    self.path = path
+    try:
+      self._tok = tokenizers.Tokenizer.from_file(path)
+    except Exception as e:  # pylint: disable=broad-except  # Rust-side error
+      raise ValueError(f"{path}: not a HuggingFace tokenizer.json ({e})") from e
+    named = _hf_config_tokens(os.path.join(os.path.dirname(path),
+                                           "tokenizer_config.json"))
+    self._bos = self._find(named.get("bos_token"), _HF_BOS)
+    self._eos = self._find(named.get("eos_token"), _HF_EOS)
+    self._pad = self._find(named.get("pad_token"), _HF_PAD)
+
+  def _find(self, configured: str | None, names: Sequence[str]) -> int:
+    for name in ((configured,) if configured else names):
+      token_id = self._tok.token_to_id(name)
+      if token_id is not None:
+        return token_id
+    return -1
+
+  def encode(self, text: str, add_bos: bool = False,
+             add_eos: bool = False) -> list[int]:
+    return self._wrap(self._tok.encode(text, add_special_tokens=False).ids,
+                      add_bos, add_eos)
+
+  def encode_batch(self, texts: Sequence[str], add_bos: bool = False,
+                   add_eos: bool = False) -> list[list[int]]:
+    encodings = self._tok.encode_batch(list(texts), add_special_tokens=False)
+    return [self._wrap(e.ids, add_bos, add_eos) for e in encodings]
+
+  def _wrap(self, ids: list[int], add_bos: bool, add_eos: bool) -> list[int]:
+    ids = list(ids)
+    if add_bos and self._bos >= 0:
+      ids.insert(0, self._bos)
+    if add_eos and self._eos >= 0:
+      ids.append(self._eos)
+    return ids
+
+  def decode(self, ids: Iterable[int]) -> str:
+    return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+  @property
+  def vocab_size(self) -> int:
+    return self._tok.get_vocab_size(with_added_tokens=True)
+
+  @property
+  def bos_id(self) -> int:
+    return self._bos
+
+  @property
+  def eos_id(self) -> int:
+    return self._eos
+
+  @property
+  def pad_id(self) -> int:
+    return self._pad
+
+  def id_to_piece(self, token_id: int) -> str:
+    piece = self._tok.id_to_token(int(token_id))
+    if piece is None:
+      raise IndexError(f"id {token_id} is outside the vocabulary of "
+                       f"{self.path} (size {self.vocab_size})")
+    return piece
+
+  def _lookup(self, piece: str) -> int | None:
+    return self._tok.token_to_id(piece)
+
+
+def _hf_config_tokens(path: str) -> dict[str, str]:
+  if not os.path.isfile(path):
+    return {}
+  try:
+    with open(path) as f:
+      config = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise ValueError(f"{path}: unreadable tokenizer config ({e})") from e
+  tokens = {}
+  for key in ("bos_token", "eos_token", "pad_token"):
+    value = config.get(key)
+    if isinstance(value, dict):  # {"content": "<s>", "lstrip": ...}
+      value = value.get("content")
+    if isinstance(value, str):
+      tokens[key] = value
+  return tokens
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+  """A `.model` (SentencePiece) or `.json` (HF tokenizers) file, or a
+  directory holding tokenizer.model / tokenizer.json."""
+  if not path:
+    raise FileNotFoundError("no tokenizer path given")
+  if os.path.isdir(path):
+    for name in ("tokenizer.model", "tokenizer.json"):
+      if os.path.isfile(os.path.join(path, name)):
+        return load_tokenizer(os.path.join(path, name))
+    raise FileNotFoundError(f"{path}: directory holds neither tokenizer.model "
+                            f"nor tokenizer.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"tokenizer file {path} does not exist (train one "
+                            f"with `python -m launch.train_tokenizer`)")
+  if path.endswith(".model"):
+    return SentencePieceTokenizer(path)
+  if path.endswith(".json"):
+    return HFTokenizer(path)
+  raise ValueError(f"{path}: unknown tokenizer file type; expected a "
+                   f"SentencePiece .model or a HuggingFace tokenizer.json")
+
+
+# ----------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------
+
+
+def sentences(texts: Iterable[str]) -> Iterator[str]:
+  """SentencePiece trains on lines: each non-empty line of each document."""
+  for text in texts:
+    for line in text.splitlines():
+      if line.strip():
+        yield line
+
+
+def train_sentencepiece(files: Sequence[str], model_prefix: str,
+                        vocab_size: int, *, text_field: str = "text",
+                        text_split: str = "file",
+                        special_tokens: Sequence[str] = SPECIAL_TOKENS,
+                        byte_fallback: bool = True,
+                        max_sentences: int = 0, num_threads: int = 2,
+                        character_coverage: float = 0.9995,
+                        drops: readers.DropCounter | None = None) -> str:
+  """Trains a BPE model on text/JSONL/Parquet files; returns PREFIX.model.
+
+  max_sentences: train on a random sample of this many lines (0: all).
+  Bad records are counted in `drops` (see readers.read_documents).
+  """
+  drops = drops if drops is not None else readers.DropCounter()
+  docs = drops.texts(readers.read_documents(files, text_field, text_split))
+  os.makedirs(os.path.dirname(os.path.abspath(model_prefix)), exist_ok=True)
+  spm.SentencePieceTrainer.Train(
+      sentence_iterator=sentences(docs),
+      model_prefix=model_prefix,
+      model_type="bpe",
+      vocab_size=vocab_size,
+      byte_fallback=byte_fallback,
+      split_digits=True,
+      normalization_rule_name="identity",
+      remove_extra_whitespaces=False,
+      add_dummy_prefix=False,  # encode(a) + encode(b) == encode(a + b) at
+                               # special tokens: templates join encoded parts
+      allow_whitespace_only_pieces=True,
+      character_coverage=character_coverage,
+      required_chars="0123456789",  # digits are pieces even in digit-poor text
+      user_defined_symbols=list(special_tokens),
+      pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+      input_sentence_size=max_sentences,
+      shuffle_input_sentence=bool(max_sentences),
+      num_threads=num_threads,
+      minloglevel=2,
+  )
+  return model_prefix + ".model"

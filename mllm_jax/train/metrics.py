@@ -81,6 +81,17 @@ def peak_flops_per_device(override: float = 0.0) -> tuple[float, str]:
       "train.peak_flops explicitly")
 
 
+def console(message: str) -> None:
+  """A progress line for the person watching (process 0 only).
+
+  Library logs (Orbax's are chatty) stay behind absl's --verbosity; these
+  lines are the run's own story and always print.
+  """
+  if jax.process_index() == 0:
+    from tqdm import tqdm
+    tqdm.write(message)
+
+
 class MetricWriter:
   """Writes each logged step to the console, TensorBoard and metrics.jsonl.
 

@@ -17,7 +17,6 @@ from typing import Any, Iterator, Protocol
 
 import jax
 import numpy as np
-from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
@@ -28,7 +27,8 @@ from mllm_jax.parallel.mesh import ParallelConfig, check_divisible, make_mesh
 from mllm_jax.parallel.sharding import (create_sharded, logical_to_spec,
                                         param_shardings, use_mesh)
 from mllm_jax.train.checkpoint import Checkpointer, abstract_like
-from mllm_jax.train.metrics import (MetricWriter, peak_flops_per_device,
+from mllm_jax.train.metrics import (MetricWriter, console,
+                                    peak_flops_per_device,
                                     train_flops_per_token)
 from mllm_jax.train.optimizer import (OptimizerConfig, learning_rate_schedule,
                                       make_optimizer)
@@ -155,14 +155,13 @@ def train(model_cfg: ModelConfig, parallel: ParallelConfig,
     state, data_state = checkpointer.restore(
         start, abstract_like(abstract_state, state_shardings))
     train_iter.set_state(data_state)
-    logging.info("restored step %d from %s/checkpoints", start, workdir)
+    console(f"restored step {start} from {workdir}/checkpoints")
   writer = MetricWriter(workdir, resume_step=start)
 
   seq_len = None
   peak, peak_source = peak_flops_per_device(train_cfg.peak_flops)
-  logging.info("%s parameters; mesh %s; peak %.3g FLOP/s per device (%s)",
-               f"{count_params(model_cfg):,}", dict(mesh.shape), peak,
-               peak_source)
+  console(f"{count_params(model_cfg):,} parameters; mesh {dict(mesh.shape)}; "
+          f"peak {peak:.3g} FLOP/s per device ({peak_source})")
 
   def evaluate() -> dict[str, float]:
     totals = np.zeros(2)
@@ -202,8 +201,9 @@ def train(model_cfg: ModelConfig, parallel: ParallelConfig,
                 "mfu": flops / (peak * jax.device_count()),
                 "bad_steps": float(jax.device_get(state["bad_steps"]))}
         writer.write(step, last)
-        logging.info("step %d: %s", step, ", ".join(
-            f"{k}={v:.4g}" for k, v in last.items()))
+        console(f"step {step}: " + ", ".join(
+            f"{k}={last[k]:.4g}" for k in ("loss", "grad_norm", "lr",
+                                           "tokens_per_sec", "mfu")))
         window_start, window_tokens = time.perf_counter(), 0.0
 
       streak = int(jax.device_get(metrics["bad_streak"]))
@@ -219,11 +219,11 @@ def train(model_cfg: ModelConfig, parallel: ParallelConfig,
         evaluated = evaluate()
         writer.write(step, evaluated)
         last.update(evaluated)
-        logging.info("step %d: eval_loss=%.4f eval_perplexity=%.2f", step,
-                     evaluated["eval_loss"], evaluated["eval_perplexity"])
+        console(f"step {step}: eval_loss={evaluated['eval_loss']:.4f} "
+                f"eval_perplexity={evaluated['eval_perplexity']:.2f}")
 
       if preemption.requested:
-        logging.warning("SIGTERM: saving step %d and exiting", step)
+        console(f"SIGTERM: saving step {step} and exiting")
         checkpointer.save(step, state, train_iter.get_state(), force=True)
         break
       checkpointer.save(step, state, train_iter.get_state(),

@@ -5,7 +5,8 @@
 
 Run the same command again to resume from the latest checkpoint in DIR. On a
 pod slice, run it on every host (JAX's multi-controller model). Writes
-DIR/metrics.jsonl, DIR/tensorboard/, DIR/checkpoints/ and DIR/summary.json.
+DIR/metrics.jsonl, DIR/tensorboard/, DIR/checkpoints/, DIR/summary.json and
+the final weights with the tokenizer as a native checkpoint in DIR/model.
 """
 
 from __future__ import annotations
@@ -14,14 +15,17 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import sys
 
 import jax
 import numpy as np
 from absl import app, flags, logging
+from flax import nnx
 from ml_collections import config_flags
 
 from mllm_jax.configlib import ConfigError, check, from_config
+from mllm_jax.convert.native import load_model, save_model
 from mllm_jax.data import shards
 from mllm_jax.data.config import DataConfig
 from mllm_jax.data.pipeline import (check_data, make_eval_batches,
@@ -98,13 +102,11 @@ def main(argv):
           f"{model_cfg.max_seq_len}")
     init_params = None
     if config.init_checkpoint:
-      from mllm_jax.convert.native import load_model
       init_cfg, init_model = load_model(config.init_checkpoint)
       check(init_cfg.vocab_size == model_cfg.vocab_size, "init_checkpoint",
             f"{config.init_checkpoint} has vocab_size={init_cfg.vocab_size} "
             f"but the model/tokenizer need {model_cfg.vocab_size}; resize it "
             f"with launch.train_tokenizer --extend")
-      from flax import nnx
       init_params = nnx.state(init_model)
   except (ConfigError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
@@ -118,8 +120,16 @@ def main(argv):
   eval_batches = list(make_eval_batches(
       data_cfg, train_cfg.batch_size, train_cfg.eval_batches)) if (
           data_cfg.eval_sources) else []
-  last = train(model_cfg, parallel, optimizer_cfg, train_cfg, config.seed,
-               workdir, train_iter, eval_batches, init_params)
+  last, params = train(model_cfg, parallel, optimizer_cfg, train_cfg,
+                       config.seed, workdir, train_iter, eval_batches,
+                       init_params)
+  # The final weights as a native model checkpoint (generate / evaluate /
+  # convert_checkpoint read this), with the tokenizer beside it.
+  model_dir = os.path.join(workdir, "model")
+  save_model(model_dir, model_cfg, params, overwrite=True)
+  if jax.process_index() == 0:
+    shutil.copy(data_cfg.tokenizer, os.path.join(
+        model_dir, "tokenizer" + os.path.splitext(data_cfg.tokenizer)[1]))
 
   if eval_batches and "eval_loss" in last and jax.process_index() == 0:
     baseline = unigram_baseline(data_cfg, eval_batches)

@@ -104,8 +104,12 @@ def train(model_cfg: ModelConfig, parallel: ParallelConfig,
           optimizer_cfg: OptimizerConfig, train_cfg: TrainConfig, seed: int,
           workdir: str, train_iter: DataIterator,
           eval_batches: list[dict[str, np.ndarray]] | None = None,
-          init_params: nnx.State | None = None) -> dict[str, float]:
-  """Trains until train_cfg.steps (or SIGTERM); returns the last metrics."""
+          init_params: nnx.State | None = None
+          ) -> tuple[dict[str, float], nnx.State]:
+  """Trains until train_cfg.steps (or SIGTERM).
+
+  Returns the last logged metrics and the final parameters (sharded).
+  """
   # ------------------------------------------------------------------ set-up
   model_cfg.check_platform()
   check_divisible(parallel, jax.device_count(), num_heads=model_cfg.num_heads,
@@ -230,4 +234,4 @@ def train(model_cfg: ModelConfig, parallel: ParallelConfig,
                         force=step == train_cfg.steps)
   checkpointer.close()
   writer.close()
-  return last
+  return last, state["params"]

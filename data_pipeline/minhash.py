@@ -68,17 +68,20 @@ class MinHasher:
 
   def signature(self, text: str) -> np.ndarray:
     """uint32 minima, one per hash function (all max for an empty text)."""
-    x = shingle_hashes(text, self.params.ngram)
+    x = shingle_hashes(text, self.params.ngram, unique=False)
     k = self.params.num_hashes
     sig = np.full(k, np.iinfo(np.uint32).max, np.uint32)
     if len(x) == 0:
       return sig
     x = x[:, None]
-    with np.errstate(over="ignore"):
-      for lo in range(0, k, _CHUNK):
-        hi = min(k, lo + _CHUNK)
-        h = (x * self.a[lo:hi] + self.b[lo:hi]) >> np.uint64(32)
-        sig[lo:hi] = h.min(axis=0)
+    buf = np.empty((len(x), min(k, _CHUNK)), np.uint64)
+    for lo in range(0, k, _CHUNK):
+      hi = min(k, lo + _CHUNK)
+      h = buf[:, :hi - lo]
+      np.multiply(x, self.a[lo:hi], out=h)  # Wraps mod 2**64, as intended.
+      np.add(h, self.b[lo:hi], out=h)
+      # The top 32 bits are the hash; min commutes with the shift.
+      sig[lo:hi] = h.min(axis=0) >> np.uint64(32)
     return sig
 
   def band_keys(self, sig: np.ndarray) -> np.ndarray:

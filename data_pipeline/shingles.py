@@ -1,8 +1,8 @@
 """Deterministic, vectorised word n-gram (shingle) hashes.
 
-Text is normalised (lower case, punctuation to spaces), encoded once to UTF-8,
-and every word is hashed from prefix sums of a polynomial over its bytes, so no
-Python code runs per word or per shingle. Hashes are stable across processes
+Text is lower-cased, split into words at non-alphanumeric code points, and
+every word is hashed from prefix sums of a polynomial over its code points, so
+no Python code runs per character, word or shingle. Hashes are stable across processes
 and machines (unlike ``hash()``), which fuzzy dedup across shards needs.
 """
 
@@ -29,30 +29,68 @@ def mix64(x: np.ndarray) -> np.ndarray:
 
 
 def normalise(text: str) -> str:
+  """The word sequence word_hashes sees, as a string (for reading and tests)."""
   return " ".join(_NON_WORD.sub(" ", text.lower()).split())
 
 
+_WORD_CHAR = np.array([chr(c).isalnum() for c in range(0x10000)], bool)
+_POWERS = {"p": np.ones(1, np.uint64), "inv": np.ones(1, np.uint64)}
+
+
+def _powers(n: int) -> tuple[np.ndarray, np.ndarray]:
+  """P**i and P**-i for i < n, cached and grown by doubling."""
+  if len(_POWERS["p"]) < n:
+    m = max(n, 2 * len(_POWERS["p"]))
+    with np.errstate(over="ignore"):
+      _POWERS["p"] = np.concatenate([[np.uint64(1)], np.cumprod(
+          np.full(m - 1, _P, np.uint64))])
+      _POWERS["inv"] = np.concatenate([[np.uint64(1)], np.cumprod(
+          np.full(m - 1, _P_INV, np.uint64))])
+  return _POWERS["p"][:n], _POWERS["inv"][:n]
+
+
 def word_hashes(text: str) -> np.ndarray:
-  """uint64 hash per word of the normalised text."""
-  data = np.frombuffer(normalise(text).encode("utf-8"), dtype=np.uint8)
-  if len(data) == 0:
+  """uint64 hash per word of the normalised text.
+
+  Works on code points in NumPy (a regex pass over the text cost as much as
+  all the hashing): a word is a maximal run of alphanumeric code points (as
+  ``[\\W_]`` splits; code points above U+FFFF count as letters), hashed by a
+  prefix-sum polynomial so no Python code runs per word.
+  """
+  cp = np.frombuffer(text.lower().encode("utf-32-le"), np.uint32)
+  is_word = np.ones(len(cp), bool)
+  bmp = cp < 0x10000
+  is_word[bmp] = _WORD_CHAR[cp[bmp]]
+  return _run_hashes(cp, is_word)
+
+
+def token_hashes(words: list[str]) -> np.ndarray:
+  """uint64 hash per given token (no whitespace inside), the same in every
+  process (unlike ``hash()``, which is salted per process)."""
+  cp = np.frombuffer(" ".join(words).encode("utf-32-le"), np.uint32)
+  return _run_hashes(cp, cp != 32)
+
+
+def _run_hashes(cp: np.ndarray, is_word: np.ndarray) -> np.ndarray:
+  """Hash of each maximal run of ``is_word`` code points."""
+  if len(cp) == 0:
     return np.zeros(0, np.uint64)
-  n = len(data)
+  edges = np.diff(is_word.astype(np.int8), prepend=0, append=0)
+  starts, ends = np.nonzero(edges == 1)[0], np.nonzero(edges == -1)[0]
+  if len(starts) == 0:
+    return np.zeros(0, np.uint64)
+  powers, inv = _powers(len(cp))
   with np.errstate(over="ignore"):
-    powers = np.concatenate([[np.uint64(1)], np.cumprod(np.full(n - 1, _P, np.uint64))])
-    inv = np.concatenate([[np.uint64(1)], np.cumprod(np.full(n - 1, _P_INV, np.uint64))])
-    prefix = np.concatenate([[np.uint64(0)],
-                             np.cumsum((data.astype(np.uint64) + np.uint64(1)) * powers,
-                                       dtype=np.uint64)])
-    spaces = np.nonzero(data == 32)[0]
-    starts = np.concatenate([[0], spaces + 1])
-    ends = np.concatenate([spaces, [n]])
+    prefix = np.concatenate([[np.uint64(0)], np.cumsum(
+        (cp.astype(np.uint64) + np.uint64(1)) * powers, dtype=np.uint64)])
     h = (prefix[ends] - prefix[starts]) * inv[starts]
   return mix64(h ^ (ends - starts).astype(np.uint64))
 
 
-def shingle_hashes(text: str, n: int = 5) -> np.ndarray:
-  """Unique uint64 hashes of the word n-grams (the whole text if shorter)."""
+def shingle_hashes(text: str, n: int = 5, unique: bool = True) -> np.ndarray:
+  """uint64 hashes of the word n-grams (the whole text if shorter); MinHash
+  passes ``unique=False``: repeats cannot change a minimum, and sorting them
+  away costs more than hashing them."""
   w = word_hashes(text)
   if len(w) == 0:
     return w
@@ -62,4 +100,5 @@ def shingle_hashes(text: str, n: int = 5) -> np.ndarray:
     out = w[:m].copy()
     for k in range(1, k_max):
       out = out * _Q + w[k:k + m]
-  return np.unique(mix64(out))
+  out = mix64(out)
+  return np.unique(out) if unique else out

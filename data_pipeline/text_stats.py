@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import numpy as np
 
+from data_pipeline.shingles import token_hashes
+
 _MULT = np.uint64(0x9E3779B97F4A7C15)
 
 
 def word_hashes(words: list[str]) -> np.ndarray:
-  # hash() of str is salted per process but consistent within it, which is all
-  # a per-document duplicate count needs.
-  return np.fromiter(map(hash, words), dtype=np.int64,
-                     count=len(words)).view(np.uint64)
+  # Not hash(): it is salted per process, and ties among top n-grams then
+  # break differently, so a rerun or another worker could drop other docs.
+  return token_hashes(words)
 
 
 def ngram_hashes(h: np.ndarray, n: int) -> np.ndarray:

@@ -1,8 +1,9 @@
 """The RefinedWeb recipe (Penedo et al. 2023) with the thresholds it cites.
 
 Sections map one-to-one onto data_pipeline stages (see
-data_pipeline.pipeline.build_stages); set ``<section>.enabled=False`` to skip a
-stage.
+data_pipeline.pipeline.build_stages and data_pipeline.corpus); set
+``<section>.enabled=False`` to skip a stage. Fields and their checks are in
+data_pipeline/config.py; ``python -m launch.clean_corpus`` runs it.
 """
 
 import ml_collections
@@ -11,8 +12,12 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.input = ""  # Glob of .warc/.warc.gz/.wet.gz/.arc(.gz) files.
-  c.runner = "local"  # 'local' or 'beam' (not implemented yet).
-  c.seed = 0
+  c.runner = "local"  # 'local' (processes on this machine) or 'beam'.
+  c.seed = 0  # MinHash hash functions and the mixture's sampling.
+  c.workers = 0  # Local runner processes; 0 = one per CPU core.
+  c.progress = True  # tqdm bar over shards (local runner).
+  c.beam_options = ""  # e.g. '--runner=DataflowRunner --project=P --region=R'.
+  c.samples_per_reason = 3  # Dropped documents kept per reason in stats.json.
 
   c.url_filter = ml_collections.ConfigDict()
   c.url_filter.enabled = True
@@ -41,13 +46,26 @@ def get_config() -> ml_collections.ConfigDict:
   c.lines.enabled = True
   c.lines.max_removed_word_frac = 0.05
 
+  # Corpus-level stages run per language, after all shards are done.
+  c.url_dedup = ml_collections.ConfigDict()
+  c.url_dedup.enabled = True
+
   c.minhash = ml_collections.ConfigDict()
-  c.minhash.preset = "refinedweb"  # 450 bands x 20 rows, 5-grams.
+  c.minhash.enabled = True
+  c.minhash.preset = "refinedweb"  # 450 bands x 20 rows, 5-grams; or 'fineweb'.
+  c.minhash.buckets = 1  # Spill files per band; raise for corpora beyond RAM.
 
   c.exact = ml_collections.ConfigDict()
+  c.exact.enabled = True
   c.exact.min_bytes = 100  # ~50 tokens.
+  c.exact.min_words_after = 50  # Gopher's minimum; shorter docs are dropped.
 
   c.export = ml_collections.ConfigDict()
   c.export.format = "jsonl"  # or 'parquet'
   c.export.docs_per_shard = 10_000
+
+  c.mix = ml_collections.ConfigDict()
+  c.mix.sources = ""  # e.g. 'en=0.7,de=0.3' writes OUT/mixed/; '' = none.
+  c.mix.total = 0  # Documents in the mixture; 0 = all the sources hold.
+  c.mix.max_epochs = 1.0
   return c

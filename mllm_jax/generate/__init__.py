@@ -1,0 +1,1 @@
+"""Text generation: the compiled KV-cache sampler and sampling rules."""

@@ -1,0 +1,62 @@
+"""launch.generate and launch.evaluate end to end on a tiny byte-level
+checkpoint (subprocesses, so flags and error paths are the real ones)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mllm_jax.convert import native
+from mllm_jax.generate.text import ByteTokenizer
+from tests.helpers import tiny_model
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+  cfg, model = tiny_model(vocab_size=ByteTokenizer.vocab_size)
+  path = tmp_path_factory.mktemp("cli") / "ckpt"
+  native.save_model(str(path), cfg, model)
+  return str(path)
+
+
+def run(module, *args, stdin=None):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO,
+                        env=env, input=stdin, capture_output=True, text=True,
+                        check=False, timeout=300)
+
+
+def test_generate_prompt_and_chat(checkpoint):
+  out = run("launch.generate", f"--checkpoint={checkpoint}",
+            "--tokenizer=bytes", "--prompt=Hello", "--max_new_tokens=8")
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.startswith("Hello")
+  chat = run("launch.generate", f"--checkpoint={checkpoint}",
+             "--tokenizer=bytes", "--chat", "--max_new_tokens=6",
+             stdin="hi\nand again\n\n")
+  assert chat.returncode == 0, chat.stderr
+  assert chat.stdout.count("\n") == 2
+  bad = run("launch.generate", f"--checkpoint={checkpoint}",
+            "--tokenizer=bytes", "--prompt=x", "--top_p=0")
+  assert bad.returncode != 0 and "top_p" in bad.stderr
+  assert "Traceback" not in bad.stderr
+
+
+def test_evaluate_writes_json_and_markdown(checkpoint, tmp_path):
+  output = tmp_path / "res.json"
+  out = run("launch.evaluate", f"--checkpoint={checkpoint}",
+            "--tokenizer=bytes", "--tasks=arc_easy,winogrande,nq_open",
+            "--num_fewshot=1", "--limit=2", f"--output={output}")
+  assert out.returncode == 0, out.stderr
+  results = json.loads(output.read_text())["results"]
+  assert set(results) == {"arc_easy", "winogrande", "nq_open"}
+  assert results["arc_easy"]["num_examples"] == 2
+  assert "| arc_easy | acc |" in (tmp_path / "res.md").read_text()
+  bad = run("launch.evaluate", f"--checkpoint={checkpoint}",
+            "--tokenizer=bytes", "--tasks=nope", f"--output={output}")
+  assert bad.returncode != 0 and "unknown task" in bad.stderr
+  assert "Traceback" not in bad.stderr

@@ -27,13 +27,17 @@ flags.DEFINE_integer("pretrain_steps", 300, "Steps of the tiny pretraining.")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run(stage: str, args: list[str]) -> None:
-  """Runs `python -m launch.<stage> ARGS`, streaming its output."""
+def run(stage: str, args: list[str], capture: bool = False) -> str:
+  """Runs `python -m launch.<stage> ARGS`; streams (or returns) its output."""
   command = [sys.executable, "-m", f"launch.{stage}", *args]
   print(f"\n$ {' '.join(shlex.quote(a) for a in command[1:])}", flush=True)
   start = time.time()
-  subprocess.run(command, cwd=REPO, check=True)
+  result = subprocess.run(command, cwd=REPO, check=True, text=True,
+                          stdout=subprocess.PIPE if capture else None)
   print(f"[demo] {stage} took {time.time() - start:.0f} s", flush=True)
+  if capture:
+    print(result.stdout)
+  return result.stdout or ""
 
 
 def clean_web(workdir: str) -> list[str]:
@@ -86,7 +90,44 @@ def pretrain(workdir: str) -> list[str]:
   return lines
 
 
-STAGES: list[Callable[[str], list[str]]] = [clean_web, pretrain]
+def model_args(workdir: str) -> list[str]:
+  model = os.path.join(workdir, "pretrain", "model")
+  return [f"--checkpoint={model}",
+          f"--tokenizer={os.path.join(model, 'tokenizer.model')}"]
+
+
+def generate(workdir: str) -> list[str]:
+  """Greedy continuation from the pretrained model (compiled KV-cache loop)."""
+  text = run("generate", model_args(workdir) + [
+      "--prompt=ROMEO.", "--max_new_tokens=48"], capture=True)
+  quoted = "\n".join("> " + line for line in text.strip().splitlines())
+  return ["## Generation: greedy continuation of `ROMEO.`", "", quoted, ""]
+
+
+EVAL_TASKS = {"piqa": 2, "arc_easy": 4, "hellaswag": 4}  # task -> choices
+
+
+def evaluate(workdir: str) -> list[str]:
+  """Zero-shot multiple choice by log-likelihood on real benchmark data."""
+  out = os.path.join(workdir, "eval", "results.json")
+  if not os.path.exists(out):
+    run("evaluate", model_args(workdir) + [
+        f"--tasks={','.join(EVAL_TASKS)}", "--num_fewshot=0", "--limit=200",
+        f"--output={out}"])
+  results = json.load(open(out))
+  lines = ["## Evaluation: zero-shot multiple choice (first 200 examples)", "",
+           "A model trained on Shakespeare alone is expected near chance; the "
+           "numbers show the harness end to end.", "",
+           "| task | acc | acc_norm | chance |", "| --- | ---: | ---: | ---: |"]
+  for task, choices in EVAL_TASKS.items():
+    r = results[task]
+    lines.append(f"| {task} | {r['acc']:.3f} | {r['acc_norm']:.3f} | "
+                 f"{1 / choices:.3f} |")
+  return lines + [""]
+
+
+STAGES: list[Callable[[str], list[str]]] = [clean_web, pretrain, generate,
+                                            evaluate]
 
 
 def main(argv):

@@ -91,9 +91,8 @@ def pretrain(workdir: str) -> list[str]:
 
 
 def model_args(workdir: str) -> list[str]:
-  model = os.path.join(workdir, "pretrain", "model")
-  return [f"--checkpoint={model}",
-          f"--tokenizer={os.path.join(model, 'tokenizer.model')}"]
+  # The checkpoint directory holds the tokenizer too.
+  return [f"--checkpoint={os.path.join(workdir, 'pretrain', 'model')}"]
 
 
 def generate(workdir: str) -> list[str]:

@@ -19,12 +19,13 @@ from absl import app, flags
 from mllm_jax.configlib import ConfigError
 from mllm_jax.convert import native
 from mllm_jax.eval import runner
-from mllm_jax.generate.text import load_tokenizer
+from mllm_jax.data.tokenizer import load_tokenizer
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None,
                                   "Native checkpoint directory.")
-_TOKENIZER = flags.DEFINE_string("tokenizer", None,
-                                 "Tokenizer file, or 'bytes'.")
+_TOKENIZER = flags.DEFINE_string(
+    "tokenizer", None, "Tokenizer file or directory, or 'bytes'; default: "
+    "the tokenizer saved in the checkpoint directory.")
 _TASKS = flags.DEFINE_list("tasks", None, "Comma-separated task names.")
 _NUM_FEWSHOT = flags.DEFINE_integer(
     "num_fewshot", None, "Demonstrations per query (default: per task).")
@@ -37,7 +38,7 @@ _SEED = flags.DEFINE_integer("seed", 1234, "Few-shot draw seed.")
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  for flag in (_CHECKPOINT, _TOKENIZER, _TASKS, _OUTPUT):
+  for flag in (_CHECKPOINT, _TASKS, _OUTPUT):
     if not flag.value:
       raise app.UsageError(f"--{flag.name} is required")
   if _NUM_FEWSHOT.value is not None and _NUM_FEWSHOT.value < 0:
@@ -48,7 +49,7 @@ def main(argv: list[str]) -> None:
     raise app.UsageError("--output must name a .json file")
   try:
     names = runner.check_task_names(_TASKS.value)
-    tokenizer = load_tokenizer(_TOKENIZER.value)
+    tokenizer = load_tokenizer(_TOKENIZER.value or _CHECKPOINT.value)
     _, model = native.load_model(_CHECKPOINT.value)
     results = runner.evaluate(model, tokenizer, names, _NUM_FEWSHOT.value,
                               _LIMIT.value, _SEED.value, _BATCH.value)

@@ -19,12 +19,13 @@ from absl import app, flags
 from mllm_jax.configlib import ConfigError
 from mllm_jax.convert import native
 from mllm_jax.generate.sampler import Sampler, check_sampling_flags
-from mllm_jax.generate.text import load_tokenizer
+from mllm_jax.data.tokenizer import load_tokenizer
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None,
                                   "Native checkpoint directory.")
-_TOKENIZER = flags.DEFINE_string("tokenizer", None,
-                                 "Tokenizer file, or 'bytes'.")
+_TOKENIZER = flags.DEFINE_string(
+    "tokenizer", None, "Tokenizer file or directory, or 'bytes'; default: "
+    "the tokenizer saved in the checkpoint directory.")
 _PROMPT = flags.DEFINE_multi_string("prompt", [],
                                     "Prompt(s); repeat for a batch.")
 _CHAT = flags.DEFINE_bool("chat", False, "Interactive chat on stdin.")
@@ -76,7 +77,7 @@ def chat(sampler, tokenizer, sampling) -> None:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  for flag in (_CHECKPOINT, _TOKENIZER):
+  for flag in (_CHECKPOINT,):
     if not flag.value:
       raise app.UsageError(f"--{flag.name} is required")
   if bool(_PROMPT.value) == _CHAT.value:
@@ -86,7 +87,7 @@ def main(argv: list[str]) -> None:
   try:
     sampling = check_sampling_flags(_TEMPERATURE.value, _TOP_K.value,
                                     _TOP_P.value)
-    tokenizer = load_tokenizer(_TOKENIZER.value)
+    tokenizer = load_tokenizer(_TOKENIZER.value or _CHECKPOINT.value)
     overrides = {"dtype": _DTYPE.value} if _DTYPE.value else {}
     cfg, model = native.load_model(_CHECKPOINT.value, **overrides)
   except (ConfigError, FileNotFoundError, ImportError) as e:

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from mllm_jax.convert import native
-from mllm_jax.generate.text import ByteTokenizer
+from mllm_jax.data.tokenizer import ByteTokenizer
 from tests.helpers import tiny_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

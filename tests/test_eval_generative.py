@@ -10,7 +10,7 @@ import pytest
 from mllm_jax.eval import generative as gen
 from mllm_jax.eval import perplexity, tasks, tfds_tasks
 from mllm_jax.eval.scoring import Scorer
-from mllm_jax.generate.text import ByteTokenizer
+from mllm_jax.data.tokenizer import ByteTokenizer
 from tests.helpers import tiny_model
 
 TOK = ByteTokenizer()

@@ -12,7 +12,7 @@ from mllm_jax.eval import ceval, tasks  # noqa: E402
 from mllm_jax.eval.scoring import Scorer  # noqa: E402
 from mllm_jax.eval.templates import (ClassificationTask, Template,  # noqa: E402
                                      draw_demonstrations)
-from mllm_jax.generate.text import ByteTokenizer  # noqa: E402
+from mllm_jax.data.tokenizer import ByteTokenizer  # noqa: E402
 from tests.test_sampler import convert, hf_llama  # noqa: E402
 
 TOK = ByteTokenizer()

@@ -240,11 +240,41 @@ def _hf_config_tokens(path: str) -> dict[str, str]:
   return tokens
 
 
+class ByteTokenizer(Tokenizer):
+  """UTF-8 bytes shifted past three specials (pad 0, BOS 1, EOS 2): needs no
+  file, so tests and tiny byte-level models run anywhere (path "bytes")."""
+  path = "bytes"
+  offset = 3
+
+  def encode(self, text: str, add_bos: bool = False,
+             add_eos: bool = False) -> list[int]:
+    ids = [b + self.offset for b in text.encode("utf-8")]
+    return [self.bos_id] * add_bos + ids + [self.eos_id] * add_eos
+
+  def decode(self, ids: Iterable[int]) -> str:
+    data = bytes(int(i) - self.offset for i in ids if int(i) >= self.offset)
+    return data.decode("utf-8", errors="replace")
+
+  vocab_size = 256 + offset
+  pad_id, bos_id, eos_id = 0, 1, 2
+
+  def id_to_piece(self, token_id: int) -> str:
+    if token_id < self.offset:
+      return ("<pad>", "<s>", "</s>")[token_id]
+    return f"<0x{token_id - self.offset:02X}>"
+
+  def _lookup(self, piece: str) -> int | None:
+    return {"<pad>": 0, "<s>": 1, "</s>": 2}.get(piece)
+
+
 def load_tokenizer(path: str) -> Tokenizer:
-  """A `.model` (SentencePiece) or `.json` (HF tokenizers) file, or a
-  directory holding tokenizer.model / tokenizer.json."""
+  """A `.model` (SentencePiece) or `.json` (HF tokenizers) file, a directory
+  holding tokenizer.model / tokenizer.json (e.g. a model checkpoint), or
+  "bytes" for the file-less ByteTokenizer."""
   if not path:
     raise FileNotFoundError("no tokenizer path given")
+  if path == "bytes":
+    return ByteTokenizer()
   if os.path.isdir(path):
     for name in ("tokenizer.model", "tokenizer.json"):
       if os.path.isfile(os.path.join(path, name)):

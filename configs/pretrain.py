@@ -43,6 +43,12 @@ PRESETS = {
 }
 
 
+# Gradient accumulation that makes the 4M-token batch fit, from the
+# ahead-of-time compiles in docs/scale.md (7b on v5p-8, 65b-pod on v5p-256):
+# micro-batches of about 4 sequences per data shard.
+GRAD_ACCUM = {"7b": 128, "65b-pod": 16}
+
+
 def _dataclass_config(obj) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dataclasses.asdict(obj))
 
@@ -72,6 +78,7 @@ def get_config(name: str = "tiny") -> ml_collections.ConfigDict:
       weight_decay=0.01 if tiny else 0.1))
   config.train = _dataclass_config(TrainConfig(
       steps=300 if tiny else 250_000, batch_size=batch, log_every=10,
+      grad_accum_steps=GRAD_ACCUM.get(name, 1),
       eval_every=100 if tiny else 1000, eval_batches=8 if tiny else 50,
       checkpoint_every=100 if tiny else 1000))
   config.lock()

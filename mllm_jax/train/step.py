@@ -86,20 +86,28 @@ def make_train_step(graphdef: nnx.GraphDef,
           split_micro_batches(batch, grad_accum_steps))
 
     denominator = jnp.maximum(weight_sum, 1.0)
-    grads = jax.tree.map(lambda g: g / denominator, grad_sum)
+    # Gradients in the parameters' dtype, so the optimizer state keeps it.
+    grads = jax.tree.map(lambda g, p: (g / denominator).astype(p.dtype),
+                         grad_sum, params)
     loss = loss_sum / denominator
     grad_norm = optax.tree.norm(grads)
-    updates, opt_state = optimizer.update(grads, state["opt_state"], params)
-    new_params = optax.apply_updates(params, updates)
 
-    # NaN/Inf guard: keep the old parameters and optimizer state.
+    # NaN/Inf guard: skip the update. A cond (not a select over the whole
+    # state) computes the update only when it is taken, and never holds the
+    # old and the new parameters and moments at once.
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    keep = lambda new, old: jax.tree.map(
-        lambda n, o: jnp.where(finite, n, o), new, old)
+
+    def update(params, opt_state):
+      updates, opt_state = optimizer.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state
+
+    new_params, opt_state = jax.lax.cond(
+        finite, update, lambda params, opt_state: (params, opt_state),
+        params, state["opt_state"])
     bad = 1 - finite.astype(jnp.int32)
     new_state = {
-        "params": keep(new_params, params),
-        "opt_state": keep(opt_state, state["opt_state"]),
+        "params": new_params,
+        "opt_state": opt_state,
         "step": state["step"] + 1,
         "bad_steps": state["bad_steps"] + bad,
         "bad_streak": (state["bad_streak"] + 1) * bad,

@@ -18,21 +18,22 @@ from typing import Any, Iterator, Protocol
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 from tqdm import tqdm
 
 from mllm_jax.configlib import check
 from mllm_jax.modeling import Decoder, ModelConfig, count_params
-from mllm_jax.parallel.mesh import ParallelConfig, check_divisible, make_mesh
-from mllm_jax.parallel.sharding import (create_sharded, logical_to_spec,
-                                        param_shardings, use_mesh)
+from mllm_jax.parallel.mesh import ParallelConfig, make_mesh
+from mllm_jax.parallel.sharding import (create_sharded, param_shardings,
+                                        use_mesh)
 from mllm_jax.train.checkpoint import Checkpointer, abstract_like
+from mllm_jax.train.compile import batch_sharding, check_layout, jit_train_step
 from mllm_jax.train.metrics import (MetricWriter, console,
                                     peak_flops_per_device,
                                     train_flops_per_token)
 from mllm_jax.train.optimizer import (OptimizerConfig, learning_rate_schedule,
                                       make_optimizer)
-from mllm_jax.train.step import init_train_state, make_eval_step, make_train_step
+from mllm_jax.train.step import init_train_state, make_eval_step
 
 BATCH_KEYS = ("inputs", "targets", "loss_weights", "segment_ids", "positions")
 
@@ -112,18 +113,11 @@ def train(model_cfg: ModelConfig, parallel: ParallelConfig,
   """
   # ------------------------------------------------------------------ set-up
   model_cfg.check_platform()
-  check_divisible(parallel, jax.device_count(), num_heads=model_cfg.num_heads,
-                  num_kv_heads=model_cfg.kv_heads,
-                  batch_size=train_cfg.batch_size)
-  micro = train_cfg.batch_size // train_cfg.grad_accum_steps
-  check(micro % parallel.batch_shards(jax.device_count()) == 0,
-        "train.grad_accum_steps",
-        f"micro-batches of {micro} sequences do not divide over the "
-        f"data-parallel size {parallel.batch_shards(jax.device_count())}")
+  check_layout(model_cfg, parallel, train_cfg.batch_size,
+               train_cfg.grad_accum_steps, jax.device_count())
   mesh = make_mesh(parallel)
   rules = parallel.rules
-  batch_sharding = NamedSharding(mesh, logical_to_spec(("act_batch",), rules,
-                                                       mesh))
+  batch_shardings = batch_sharding(mesh, rules)
 
   model = create_sharded(lambda: Decoder(model_cfg, rngs=nnx.Rngs(seed)),
                          mesh, rules)
@@ -141,13 +135,12 @@ def train(model_cfg: ModelConfig, parallel: ParallelConfig,
                     out_shardings=state_shardings)(params)
   del model, params
 
-  step_fn = make_train_step(graphdef, optimizer, schedule,
-                            train_cfg.grad_accum_steps, train_cfg.z_loss)
-  train_step = jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding),
-                       out_shardings=(state_shardings, None),
-                       donate_argnums=(0,))
+  train_step = jit_train_step(graphdef, optimizer, schedule, state_shardings,
+                              batch_shardings, train_cfg.grad_accum_steps,
+                              train_cfg.z_loss)
   eval_step = jax.jit(make_eval_step(graphdef),
-                      in_shardings=(state_shardings["params"], batch_sharding))
+                      in_shardings=(state_shardings["params"],
+                                    batch_shardings))
 
   # ------------------------------------------------------------------ restore
   checkpointer = Checkpointer(f"{workdir}/checkpoints",
@@ -171,7 +164,7 @@ def train(model_cfg: ModelConfig, parallel: ParallelConfig,
     totals = np.zeros(2)
     with use_mesh(mesh, rules):
       for batch in eval_batches:
-        batch = global_batch(batch, batch_sharding,
+        batch = global_batch(batch, batch_shardings,
                              len(batch["inputs"]) * jax.process_count())
         totals += np.asarray(jax.device_get(eval_step(state["params"],
                                                       batch)))
@@ -189,7 +182,7 @@ def train(model_cfg: ModelConfig, parallel: ParallelConfig,
       host_batch = next(train_iter)
       seq_len = seq_len or host_batch["inputs"].shape[1]
       state, metrics = train_step(
-          state, global_batch(host_batch, batch_sharding,
+          state, global_batch(host_batch, batch_shardings,
                               train_cfg.batch_size))
       step += 1
       bar.update(1)

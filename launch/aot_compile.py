@@ -1,0 +1,330 @@
+r"""Compile the full training step for a TPU topology this machine lacks.
+
+  python -m launch.aot_compile --config=configs/pretrain.py:65b \
+      --topology=v5p:4x4x8 [--mfu=0.5] [--config.train.batch_size=...]
+
+Answers "does this config fit, and how long will a step take?" before anyone
+books the pod. The step is the trainer's own (same function, shardings and
+donation, see mllm_jax/train/compile.py), lowered with abstract inputs
+(nothing is allocated) and compiled by libtpu for compile-only devices of the
+named topology (needs the `tpu` extra, no TPU). `--topology=cpu:N` compiles
+for N local CPU devices instead (tests, no libtpu).
+
+Prints per-chip memory (arguments, outputs, temporaries, code, total) against
+the chip's HBM, FLOPs per step three ways (analytic model FLOPs, traced matmul
+FLOPs with scans expanded, XLA's cost analysis) and the step time implied by
+--mfu. Exit status: 0 fits, 1 bad flags/config/topology, 2 does not fit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import sys
+import time
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from mllm_jax.configlib import ConfigError, check, from_config
+from mllm_jax.modeling import ModelConfig, count_params
+from mllm_jax.parallel.mesh import ParallelConfig, make_mesh
+from mllm_jax.parallel.sharding import use_mesh
+from mllm_jax.train.compile import (abstract_train_step, check_layout,
+                                    traced_matmul_flops)
+from mllm_jax.train.metrics import (DATASHEET_PEAK_FLOPS,
+                                    measure_cpu_peak_flops,
+                                    train_flops_per_token)
+from mllm_jax.train.optimizer import OptimizerConfig
+from mllm_jax.train.trainer import TrainConfig
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Training config file and preset, e.g. "
+    "configs/pretrain.py:65b; override fields with --config.a.b=value "
+    "(parallel.* for the mesh, model.remat, train.batch_size, "
+    "train.grad_accum_steps, data.seq_len).", lock_config=True)
+_TOPOLOGY = flags.DEFINE_string(
+    "topology", None, "Target devices: GEN:AxBxC with GEN one of v4, v5p "
+    "(3-D chip grid, e.g. v5p:4x4x8 = v5p-256 = 128 chips), v5e, v6e (2-D, "
+    "e.g. v5e:4x4); or cpu:N for N local CPU devices (no libtpu needed).")
+_MFU = flags.DEFINE_float(
+    "mfu", 0.5, "Model FLOPs utilisation assumed for the implied step time "
+    "(model FLOPs / (chips x datasheet bf16 peak x mfu)).")
+_HBM_GIB = flags.DEFINE_float(
+    "hbm_gib", 0.0, "Memory per device in GiB to check against; 0 = the "
+    "chip's HBM from its datasheet (cpu:N: host RAM / N).")
+_OUTPUT_JSON = flags.DEFINE_string(
+    "output_json", "", "Also write the report as JSON to this path.")
+flags.mark_flags_as_required(["config", "topology"])
+
+EXIT_DOES_NOT_FIT = 2
+GIB = 2 ** 30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  """A TPU generation: datasheet HBM, peak key, grid rank, chip config."""
+  kind: str  # key into DATASHEET_PEAK_FLOPS
+  hbm_gib: float
+  grid_dims: int
+  chip_config: str  # "megacore": one JAX device per chip (both TensorCores)
+
+
+# HBM per chip from the Cloud TPU system-architecture pages
+# (cloud.google.com/tpu/docs/v4, /v5p, /v5e, /v6e).
+CHIPS = {
+    "v4": Chip("TPU v4", 32.0, 3, "megacore"),
+    "v5p": Chip("TPU v5p", 95.0, 3, "megacore"),
+    "v5e": Chip("TPU v5e", 16.0, 2, "default"),
+    "v6e": Chip("TPU v6e", 32.0, 2, "default"),
+}
+_TPU_RE = re.compile(r"^(v4|v5p|v5e|v6e):(\d+(?:x\d+)*)$")
+_CPU_RE = re.compile(r"^cpu:(\d+)$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """Resolved --topology: the devices to compile for and their limits."""
+  name: str
+  devices: list
+  hbm_bytes: float
+  peak_flops: float  # per device
+  peak_source: str
+
+
+def _topology_error(text: str, why: str) -> ConfigError:
+  return ConfigError(
+      f"--topology={text}: {why}. Use GEN:AxBxC with GEN in {sorted(CHIPS)} "
+      f"(v4/v5p take 3 dims, v5e/v6e 2; e.g. v5p:4x4x8, v4:2x2x1, v5e:4x4) "
+      f"or cpu:N")
+
+
+def parse_topology(text: str) -> tuple[str, tuple[int, ...]]:
+  """'v5p:4x4x8' -> ('v5p', (4, 4, 8)); 'cpu:8' -> ('cpu', (8,))."""
+  if match := _CPU_RE.match(text):
+    gen, dims = "cpu", (int(match.group(1)),)
+  elif match := _TPU_RE.match(text):
+    gen = match.group(1)
+    dims = tuple(int(d) for d in match.group(2).split("x"))
+    want = CHIPS[match.group(1)].grid_dims
+    if len(dims) != want:
+      raise _topology_error(text, f"{match.group(1)} chips form a {want}-D "
+                            f"grid but {len(dims)} dims were given")
+  else:
+    raise _topology_error(text, "not a topology")
+  if min(dims) < 1:
+    raise _topology_error(text, "every dimension must be >= 1")
+  return gen, dims
+
+
+def resolve_target(text: str, hbm_gib: float, peak_flops: float) -> Target:
+  """Compile-only TPU devices (via libtpu) or local CPU devices."""
+  gen, dims = parse_topology(text)
+  if gen == "cpu":
+    return _cpu_target(text, dims[0], hbm_gib, peak_flops)
+  chip = CHIPS[gen]
+  from jax.experimental import topologies
+  name = f"TPU {gen}:{'x'.join(map(str, dims))}"
+  try:
+    devices = topologies.get_topology_desc(
+        name, "tpu", chip_config_name=chip.chip_config).devices
+  except RuntimeError as e:  # includes JaxRuntimeError
+    if "TPU support not installed" in str(e):
+      raise ConfigError(
+          f"--topology={text}: compiling for TPU needs libtpu; install the "
+          f"tpu extra (pip install -e '.[tpu]') or use --topology=cpu:N") from e
+    raise _topology_error(text, f"libtpu rejected it ({e})") from e
+  return Target(text, list(devices), (hbm_gib or chip.hbm_gib) * GIB,
+                peak_flops or DATASHEET_PEAK_FLOPS[chip.kind],
+                "configured" if peak_flops else f"{chip.kind} datasheet bf16")
+
+
+def _cpu_target(text: str, count: int, hbm_gib: float,
+                peak_flops: float) -> Target:
+  devices = jax.devices("cpu")
+  if count > len(devices):
+    raise _topology_error(
+        text, f"only {len(devices)} CPU devices exist; start with XLA_FLAGS="
+        f"--xla_force_host_platform_device_count={count}")
+  ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  hbm = hbm_gib * GIB if hbm_gib else ram / count
+  if peak_flops:
+    return Target(text, devices[:count], hbm, peak_flops, "configured")
+  # Simulated devices share the real cores: the peak is per process.
+  return Target(text, devices[:count], hbm,
+                measure_cpu_peak_flops() / len(devices),
+                "measured float32 matmul on this CPU")
+
+
+def memory_report(stats, hbm_bytes: float) -> dict[str, float]:
+  """Per-device bytes from `compiled.memory_analysis()`; donated state is
+  aliased, so outputs that reuse argument buffers are not counted twice."""
+  report = {
+      "arguments": stats.argument_size_in_bytes,
+      "outputs": stats.output_size_in_bytes,
+      "aliased": stats.alias_size_in_bytes,
+      "temporaries": stats.temp_size_in_bytes,
+      "generated_code": stats.generated_code_size_in_bytes,
+  }
+  report["total"] = (report["arguments"] + report["outputs"]
+                     - report["aliased"] + report["temporaries"]
+                     + report["generated_code"])
+  host = (stats.host_argument_size_in_bytes + stats.host_output_size_in_bytes
+          - stats.host_alias_size_in_bytes + stats.host_temp_size_in_bytes)
+  report["host_offloaded"] = host
+  report["capacity"] = hbm_bytes
+  return report
+
+
+def xla_flops(compiled) -> float:
+  """FLOPs XLA's cost analysis counts for one device (loop bodies once)."""
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float((cost or {}).get("flops", 0.0))
+
+
+def dtype_drift(state, out_state) -> list[str]:
+  """State leaves whose dtype the step changes (the trainer would then
+  recompile on step 2 with a different, usually larger, state)."""
+  return [f"{jax.tree_util.keystr(path)}: {a.dtype} -> {b.dtype}"
+          for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(state),
+                                  jax.tree.leaves(out_state))
+          if a.dtype != b.dtype]
+
+
+def remedies(model_cfg: ModelConfig, parallel: ParallelConfig) -> str:
+  return (
+      "remedies: shard parameters and optimizer state over more devices "
+      f"(parallel.fsdp={parallel.fsdp}, parallel.tensor={parallel.tensor}, "
+      f"parallel.data={parallel.data}), recompute more activations "
+      f"(model.remat={model_cfg.remat!r}; 'full' keeps the least), "
+      "or cut the per-step micro-batch (train.batch_size, or raise "
+      "train.grad_accum_steps), or compile for a larger topology")
+
+
+def _gib(x: float) -> str:
+  return f"{x / GIB:9.3f} GiB"
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  if not os.environ.get("JAX_PLATFORMS"):
+    jax.config.update("jax_platforms", "cpu")  # TPUs here are compile-only
+  config = _CONFIG.value
+
+  # ------------------------------------------------------------ configs
+  try:
+    check(0 < _MFU.value <= 1, "--mfu", f"must be in (0, 1], got {_MFU.value}")
+    check(_HBM_GIB.value >= 0, "--hbm_gib", "must be >= 0")
+    model_cfg = from_config(ModelConfig, config.model, "model")
+    parallel = from_config(ParallelConfig, config.parallel, "parallel")
+    optimizer_cfg = from_config(OptimizerConfig, config.optimizer, "optimizer")
+    train_cfg = from_config(TrainConfig, config.train, "train")
+    seq_len = int(config.data.seq_len)
+    check(0 < seq_len <= model_cfg.max_seq_len, "data.seq_len",
+          f"{seq_len} must be in [1, model.max_seq_len="
+          f"{model_cfg.max_seq_len}]")
+    target = resolve_target(_TOPOLOGY.value, _HBM_GIB.value,
+                            train_cfg.peak_flops)
+    chips = len(target.devices)
+    check_layout(model_cfg, parallel, train_cfg.batch_size,
+                 train_cfg.grad_accum_steps, chips)
+    mesh = make_mesh(parallel, target.devices)
+    step = abstract_train_step(
+        model_cfg, parallel, optimizer_cfg, steps=train_cfg.steps,
+        batch_size=train_cfg.batch_size, seq_len=seq_len,
+        grad_accum_steps=train_cfg.grad_accum_steps, z_loss=train_cfg.z_loss,
+        mesh=mesh, seed=config.seed)
+  except ConfigError as e:
+    sys.exit(f"error: {e}")
+
+  tokens = train_cfg.batch_size * seq_len
+  micro_per_shard = (train_cfg.batch_size // train_cfg.grad_accum_steps //
+                     parallel.batch_shards(chips))
+  print(f"target   {target.name}: {chips} x {target.devices[0].device_kind}, "
+        f"{_gib(target.hbm_bytes).strip()} each, peak "
+        f"{target.peak_flops:.3g} FLOP/s ({target.peak_source})")
+  print(f"model    {count_params(model_cfg):,} parameters "
+        f"({model_cfg.param_dtype} weights, {model_cfg.dtype} compute), "
+        f"remat={model_cfg.remat!r}")
+  print(f"mesh     {dict(mesh.shape)}")
+  print(f"batch    {train_cfg.batch_size} x {seq_len} = {tokens:,} tokens "
+        f"per step, grad_accum_steps={train_cfg.grad_accum_steps} "
+        f"(micro-batch of {micro_per_shard} sequences per data shard)")
+
+  # ------------------------------------------------------------ compile
+  start = time.perf_counter()
+  with use_mesh(mesh, step.rules):
+    traced = step.step.trace(step.state, step.batch)
+  lowered = traced.lower()
+  drift = dtype_drift(step.state, lowered.out_info[0])
+  if drift:
+    print(f"WARNING: the step changes the dtype of {len(drift)} state leaves "
+          f"(e.g. {drift[0]}); the trainer recompiles on step 2 with that "
+          f"state, so this report covers step 1 only")
+  try:
+    compiled = lowered.compile()
+  except Exception as e:  # noqa: BLE001 - XLA raises JaxRuntimeError
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    sys.stderr.write(f"DOES NOT FIT: the compiler ran out of device memory "
+                     f"on {target.name}:\n{str(e)[:2000]}\n"
+                     f"{remedies(model_cfg, parallel)}\n")
+    sys.exit(EXIT_DOES_NOT_FIT)
+  compile_s = time.perf_counter() - start
+  print(f"compiled in {compile_s:.0f} s")
+
+  # ------------------------------------------------------------ report
+  memory = memory_report(compiled.memory_analysis(), target.hbm_bytes)
+  print("memory per device:")
+  for key in ("arguments", "outputs", "aliased", "temporaries",
+              "generated_code", "total", "capacity"):
+    print(f"  {key:15s}{_gib(memory[key])}")
+  if memory["host_offloaded"]:
+    print(f"  {'host_offloaded':15s}{_gib(memory['host_offloaded'])}")
+  print(f"  {'used':15s}{100 * memory['total'] / memory['capacity']:7.1f} %")
+
+  analytic = train_flops_per_token(model_cfg, seq_len) * tokens
+  traced_flops = traced_matmul_flops(traced.jaxpr)
+  xla = xla_flops(compiled) * chips
+  step_s = analytic / (chips * target.peak_flops * _MFU.value)
+  print("FLOPs per step (all devices):")
+  print(f"  analytic model {analytic:.4g}  (6 x matmul params + causal "
+        f"attention once, x {tokens:,} tokens)")
+  print(f"  traced matmuls {traced_flops:.4g}  ({traced_flops / analytic:.2f}x"
+        f"; scans expanded, remat recompute and full attention squares)")
+  print(f"  XLA cost       {xla:.4g}  ({xla / analytic:.2f}x; "
+        f"cost_analysis() x {chips} devices, counts each loop body once)")
+  print(f"implied step time {step_s:.3g} s at MFU {_MFU.value:g} "
+        f"({tokens / step_s:,.0f} tokens/s)")
+
+  report = {
+      "topology": target.name, "devices": chips,
+      "device_kind": target.devices[0].device_kind, "mesh": dict(mesh.shape),
+      "remat": model_cfg.remat, "batch_size": train_cfg.batch_size,
+      "seq_len": seq_len, "grad_accum_steps": train_cfg.grad_accum_steps,
+      "memory_bytes": memory, "flops_analytic": analytic,
+      "flops_traced": traced_flops, "flops_xla": xla, "mfu": _MFU.value,
+      "peak_flops": target.peak_flops, "step_seconds": step_s,
+      "compile_seconds": compile_s, "state_dtype_drift": drift, "fits": memory["total"] <= target.hbm_bytes,
+  }
+  if _OUTPUT_JSON.value:
+    with open(_OUTPUT_JSON.value, "w") as f:
+      json.dump(report, f, indent=2)
+  if not report["fits"]:
+    sys.stderr.write(
+        f"DOES NOT FIT: {_gib(memory['total']).strip()} per device exceeds "
+        f"{_gib(target.hbm_bytes).strip()} on {target.name}; "
+        f"{remedies(model_cfg, parallel)}\n")
+    sys.exit(EXIT_DOES_NOT_FIT)
+  print(f"FITS on {target.name}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -20,6 +20,7 @@ from absl import app, flags, logging
 
 from mllm_jax.configlib import ConfigError
 from mllm_jax.convert import hf
+from mllm_jax.logs import quiet_library_logs
 
 _FROM = flags.DEFINE_enum(
     "from", None, ["hf", "native"],
@@ -65,6 +66,7 @@ def convert() -> None:
 
 
 def main(argv: list[str]) -> None:
+  quiet_library_logs()
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   for flag in (_FROM, _INPUT, _OUTPUT):

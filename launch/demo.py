@@ -113,7 +113,7 @@ def evaluate(workdir: str) -> list[str]:
     run("evaluate", model_args(workdir) + [
         f"--tasks={','.join(EVAL_TASKS)}", "--num_fewshot=0", "--limit=200",
         f"--output={out}"])
-  results = json.load(open(out))
+  results = json.load(open(out))["results"]
   lines = ["## Evaluation: zero-shot multiple choice (first 200 examples)", "",
            "A model trained on Shakespeare alone is expected near chance; the "
            "numbers show the harness end to end.", "",

@@ -20,6 +20,7 @@ from mllm_jax.configlib import ConfigError
 from mllm_jax.convert import native
 from mllm_jax.generate.sampler import Sampler, check_sampling_flags
 from mllm_jax.data.tokenizer import load_tokenizer
+from mllm_jax.logs import quiet_library_logs
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None,
                                   "Native checkpoint directory.")
@@ -75,6 +76,7 @@ def chat(sampler, tokenizer, sampling) -> None:
 
 
 def main(argv: list[str]) -> None:
+  quiet_library_logs()
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   for flag in (_CHECKPOINT,):

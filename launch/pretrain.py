@@ -20,7 +20,7 @@ import sys
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
@@ -31,6 +31,7 @@ from mllm_jax.data.config import DataConfig
 from mllm_jax.data.pipeline import (check_data, make_eval_batches,
                                     make_pretrain_iterator)
 from mllm_jax.data.samples import prepare_shakespeare
+from mllm_jax.logs import quiet_library_logs
 from mllm_jax.modeling import ModelConfig
 from mllm_jax.parallel.mesh import ParallelConfig, initialize_distributed
 from mllm_jax.train.metrics import console
@@ -82,8 +83,7 @@ def unigram_baseline(data: DataConfig, eval_batches) -> float:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # library chatter; -v 0 for more
+  quiet_library_logs()
   initialize_distributed()
   config, workdir = _CONFIG.value, _WORKDIR.value
   try:

@@ -135,15 +135,36 @@ def test_perplexity_per_token_and_per_byte(byte_model, tmp_path):
 # ----------------------------------------------------------------------------
 
 
+# Records in each builder's own feature layout where random mock values
+# cannot form a valid example (a blank to fill, a label among the endings).
+TFDS_RECORDS = {
+    "hellaswag": {"context": b"A man is sitting on a roof. he",
+                  "endings": [b"is using wrap.", b"starts pulling up roofing.",
+                              b"is ripping level tiles.", b"holds a rope."],
+                  "activity_label": b"Roof shingle removal", "label": 3},
+    "winogrande": {"sentence": b"Sarah was a much better surgeon than Maria "
+                               b"so _ always got the harder cases.",
+                   "option1": b"Sarah", "option2": b"Maria", "label": 0},
+}
+
+
 @pytest.mark.parametrize("task", sorted(tfds_tasks.TFDS_TASKS))
 def test_tfds_loader_feeds_the_same_prompts(task):
   tfds = pytest.importorskip("tensorflow_datasets")
-  with tfds.testing.mock_data(num_examples=3):
+  mock = {}
+  if task in TFDS_RECORDS:
+    mock["as_data_source_fn"] = lambda *a, **k: [TFDS_RECORDS[task]] * 3
+  with tfds.testing.mock_data(num_examples=3, **mock):
     docs = tfds_tasks.load_tfds_docs(task, limit=2)
   assert len(docs) == 2
   examples = tasks.TASKS[task].examples(docs, k=1, seed=0)
   for ex in examples:
     assert len(ex.contexts) == len(ex.continuations) >= 2
     assert 0 <= ex.gold < len(ex.continuations)
+  if task == "winogrande":  # the blank filled by each option
+    assert [c[-8:] for c in examples[0].contexts] == ["so Sarah", "so Maria"]
+    assert examples[0].gold == 0
+  if task == "hellaswag":
+    assert examples[0].continuations[3] == " holds a rope."
   with pytest.raises(ValueError, match="no TFDS loader"):
-    tfds_tasks.load_tfds_docs("hellaswag")
+    tfds_tasks.load_tfds_docs("mmlu")

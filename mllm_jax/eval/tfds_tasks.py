@@ -2,15 +2,18 @@
 prepared TFDS data (e.g. a TPU VM with a GCS data_dir).
 
 Records are mapped onto the document dicts `tasks.TASKS` formats, so the
-prompts are identical whichever source is used. Only builders in the TFDS
-catalogue are covered: BoolQ (`bool_q`), PIQA, ARC-Easy/Challenge and
-OpenBookQA; HellaSwag, WinoGrande, SIQA and MMLU have no TFDS builder in
-tensorflow-datasets 4.9, so those use the bundled data. No TensorFlow
-needed: `tfds.data_source` reads array_record files.
+prompts are identical whichever source is used (HellaSwag: TFDS keeps the
+context whole, so its second half is not re-capitalised as in the bundled
+split). Builders in the TFDS catalogue are covered: BoolQ (`bool_q`), PIQA,
+HellaSwag, WinoGrande, ARC-Easy/Challenge and OpenBookQA; SIQA and MMLU have
+no TFDS builder in tensorflow-datasets 4.9, so those use the bundled data. No
+TensorFlow needed: `tfds.data_source` reads array_record files.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 from typing import Any, Callable
 
 import numpy as np
@@ -30,6 +33,18 @@ def _boolq(r):
 def _piqa(r):
   return {"goal": _text(r["goal"]), "sol1": _text(r["sol1"]),
           "sol2": _text(r["sol2"]), "label": int(r["label"])}
+
+
+def _hellaswag(r):
+  return {"activity_label": _text(r["activity_label"]),
+          "ctx_a": _text(r["context"]), "ctx_b": "",
+          "endings": [_text(e) for e in r["endings"]],
+          "label": int(r["label"])}
+
+
+def _winogrande(r):
+  return {"sentence": _text(r["sentence"]), "option1": _text(r["option1"]),
+          "option2": _text(r["option2"]), "answer": str(int(r["label"]) + 1)}
 
 
 def _arc(r):
@@ -52,6 +67,8 @@ def _obqa(r):
 TFDS_TASKS: dict[str, tuple[str, str, Callable[[dict], dict]]] = {
     "boolq": ("bool_q", "validation", _boolq),
     "piqa": ("piqa", "validation", _piqa),
+    "hellaswag": ("hellaswag", "validation", _hellaswag),
+    "winogrande": ("winogrande", "validation", _winogrande),
     "arc_easy": ("ai2_arc/ARC-Easy", "validation", _arc),
     "arc_challenge": ("ai2_arc/ARC-Challenge", "validation", _arc),
     "openbookqa": ("openbookqa", "validation", _obqa),
@@ -66,6 +83,11 @@ def load_tfds_docs(task: str, data_dir: str | None = None,
                      f"{sorted(TFDS_TASKS)} (others use the bundled data)")
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   name, split, convert = TFDS_TASKS[task]
+  # Without TensorFlow the legacy `text/` builders register only when their
+  # module is imported.
+  module = f"tensorflow_datasets.text.{name.split('/')[0]}"
+  if importlib.util.find_spec(module) is not None:
+    importlib.import_module(module)
   source = tfds.data_source(name, split=split, data_dir=data_dir)
   n = len(source) if limit is None else min(limit, len(source))
   return [convert(source[i]) for i in range(n)]

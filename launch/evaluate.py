@@ -33,7 +33,11 @@ _NUM_FEWSHOT = flags.DEFINE_integer(
 _OUTPUT = flags.DEFINE_string("output", None, "Results JSON file.")
 _LIMIT = flags.DEFINE_integer("limit", None, "First N examples per task.")
 _BATCH = flags.DEFINE_integer("batch_size", 16, "Scoring batch size.")
-_SEED = flags.DEFINE_integer("seed", 1234, "Few-shot draw seed.")
+_SEED = flags.DEFINE_integer("seed", 1234,
+                             "Few-shot draw and code sampling seed.")
+_CODE_SAMPLES = flags.DEFINE_integer(
+    "code_samples", 1, "Programs per HumanEval/MBPP problem: 1 = greedy "
+    "pass@1; n > 1 = sampled (T=0.8, top-p 0.95), pass@k for k <= n.")
 
 
 def main(argv: list[str]) -> None:
@@ -45,6 +49,8 @@ def main(argv: list[str]) -> None:
       raise app.UsageError(f"--{flag.name} is required")
   if _NUM_FEWSHOT.value is not None and _NUM_FEWSHOT.value < 0:
     raise app.UsageError("--num_fewshot must be >= 0")
+  if _CODE_SAMPLES.value < 1:
+    raise app.UsageError("--code_samples must be >= 1")
   if _LIMIT.value is not None and _LIMIT.value < 1:
     raise app.UsageError("--limit must be >= 1")
   if not _OUTPUT.value.endswith(".json"):
@@ -54,7 +60,8 @@ def main(argv: list[str]) -> None:
     tokenizer = load_tokenizer(_TOKENIZER.value or _CHECKPOINT.value)
     _, model = native.load_model(_CHECKPOINT.value)
     results = runner.evaluate(model, tokenizer, names, _NUM_FEWSHOT.value,
-                              _LIMIT.value, _SEED.value, _BATCH.value)
+                              _LIMIT.value, _SEED.value, _BATCH.value,
+                              code_samples=_CODE_SAMPLES.value)
   except (ConfigError, FileNotFoundError, ImportError, ValueError) as e:
     sys.exit(f"evaluate: error: {e}")
   os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mllm_jax.eval import generative as gen
-from mllm_jax.eval import perplexity, tasks, tfds_tasks
+from mllm_jax.eval import perplexity, runner, tasks, tfds_tasks
 from mllm_jax.eval.scoring import Scorer
 from mllm_jax.data.tokenizer import ByteTokenizer
 from tests.helpers import tiny_model
@@ -168,3 +168,26 @@ def test_tfds_loader_feeds_the_same_prompts(task):
     assert examples[0].continuations[3] == " holds a rope."
   with pytest.raises(ValueError, match="no TFDS loader"):
     tfds_tasks.load_tfds_docs("mmlu")
+
+
+def test_code_tasks_report_unbiased_pass_at_k(monkeypatch):
+  """Three sampled programs for HumanEval/0, two correct: pass@1 = 2/3."""
+  correct = ("    for i, a in enumerate(numbers):\n"
+             "        for b in numbers[i + 1:]:\n"
+             "            if abs(a - b) < threshold:\n"
+             "                return True\n"
+             "    return False\n")
+  wrong = "    return False\n"
+  calls = []
+
+  def fake_generate(sampler, tokenizer, prompts, max_new, stops, sampling,
+                    seed):
+    calls.append((len(prompts), sampling.temperature))
+    return [correct, wrong, correct][:len(prompts)]
+
+  monkeypatch.setattr(runner, "_generate", fake_generate)
+  result = runner._generative(None, None, "humaneval", None, 1,
+                              code_samples=3)
+  assert calls == [(3, 0.8)]
+  assert result["pass@1"] == pytest.approx(2 / 3)
+  assert "pass@10" not in result and result["samples_per_problem"] == 3

@@ -20,6 +20,7 @@ from mllm_jax.eval import tasks
 from mllm_jax.eval.sandbox import run_program
 from mllm_jax.eval.scoring import Scorer
 from mllm_jax.generate.sampler import Sampler
+from mllm_jax.generate.sampling import SamplingParams
 
 GENERATIVE = ("nq_open", "triviaqa", "gsm8k", "math", "humaneval", "mbpp")
 KNOWN = tuple(n for n in tasks.TASKS if not n.startswith("mmlu_")) + (
@@ -41,13 +42,17 @@ def _mc(scorer, tokenizer, name, k, limit, seed) -> dict[str, Any]:
   return result
 
 
-def _generate(sampler, tokenizer, prompts, max_new, stops) -> list[str]:
-  out = sampler.generate(prompts, max_new, stop_strings=stops,
-                         stop_tokens=[tokenizer.eos_id])
+def _generate(sampler, tokenizer, prompts, max_new, stops,
+              sampling: SamplingParams = SamplingParams(),
+              seed: int = 0) -> list[str]:
+  out = sampler.generate(prompts, max_new, sampling=sampling,
+                         stop_strings=stops, stop_tokens=[tokenizer.eos_id],
+                         seed=seed)
   return out.texts
 
 
-def _generative(sampler, tokenizer, name, k, limit) -> dict[str, Any]:
+def _generative(sampler, tokenizer, name, k, limit, code_samples: int = 1,
+                seed: int = 0) -> dict[str, Any]:
   if name in ("nq_open", "triviaqa"):
     docs = gen.load_qa(name)[:limit]
     preds = _generate(sampler, tokenizer,
@@ -89,19 +94,32 @@ def _generative(sampler, tokenizer, name, k, limit) -> dict[str, Any]:
     else:
       prompts = [gen.mbpp_prompt(p) for p in problems]
       stops = ['\n"""', "\nassert", "\nif __name__"]
-    preds = _generate(sampler, tokenizer, prompts, 384, stops)
+    # One greedy program per problem, or `code_samples` sampled ones (T=0.8,
+    # top-p 0.95, as in the Codex paper) for unbiased pass@k.
+    n = code_samples
+    sampling = (SamplingParams() if n == 1 else
+                SamplingParams(temperature=0.8, top_p=0.95))
+    preds = _generate(sampler, tokenizer, [p for p in prompts for _ in range(n)],
+                      384, stops, sampling, seed)
     build = gen.humaneval_program if name == "humaneval" else gen.mbpp_program
-    passed = [run_program(build(p, c), timeout_s=10).passed
-              for p, c in zip(problems, preds)]
-    return {"pass@1": float(np.mean(passed)), "num_examples": len(problems)}
+    passed = np.array([run_program(build(p, c), timeout_s=10).passed
+                       for p, c in zip(
+                           [p for p in problems for _ in range(n)], preds)])
+    correct = passed.reshape(len(problems), n).sum(axis=1)
+    return {**{f"pass@{k}": float(np.mean([gen.pass_at_k(n, int(c), k)
+                                            for c in correct]))
+               for k in (1, 10, 100) if k <= n},
+            "samples_per_problem": n, "num_examples": len(problems)}
   raise ValueError(name)
 
 
 def evaluate(model, tokenizer, names: Sequence[str], num_fewshot: int | None,
              limit: int | None = None, seed: int = 1234,
-             batch_size: int = 16, mesh=None, rules=None) -> dict[str, Any]:
+             batch_size: int = 16, mesh=None, rules=None,
+             code_samples: int = 1) -> dict[str, Any]:
   """{task: {metric: value, ...}}; num_fewshot None = each task's default
-  (MMLU 5, GSM8K 8, others 0)."""
+  (MMLU 5, GSM8K 8, others 0); code_samples > 1 samples that many programs
+  per HumanEval/MBPP problem and reports pass@1/10/100 (k <= samples)."""
   check_task_names(names)
   scorer = Scorer(model, batch_size=batch_size, mesh=mesh, rules=rules)
   sampler = Sampler(model, tokenizer=tokenizer, mesh=mesh, rules=rules,
@@ -110,7 +128,7 @@ def evaluate(model, tokenizer, names: Sequence[str], num_fewshot: int | None,
   for name in names:
     if name in GENERATIVE:
       results[name] = _generative(sampler, tokenizer, name, num_fewshot,
-                                  limit)
+                                  limit, code_samples, seed)
     elif name == "mmlu":
       k = 5 if num_fewshot is None else num_fewshot
       subjects = {s: _mc(scorer, tokenizer, f"mmlu_{s}", k, limit, seed)

@@ -21,7 +21,7 @@ data: $(VENV)/.installed
 	$(PY) scripts/fetch_data.py
 
 test: venv data
-	$(CPU_ENV) $(PY) -m pytest -q -n 2 tests
+	$(CPU_ENV) $(PY) -m pytest -q -n 2 --durations=15 tests
 
 demo: venv data
 	$(CPU_ENV) $(PY) -m launch.demo --workdir=$(or $(WORKDIR),workdir/demo)

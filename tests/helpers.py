@@ -83,3 +83,20 @@ def numpy_forward(model: Decoder, tokens: np.ndarray) -> np.ndarray:
 
 def replace(cfg: ModelConfig, **changes) -> ModelConfig:
   return dataclasses.replace(cfg, **changes)
+
+
+def random_hf_llama(seed: int = 0, **config):
+  """A random transformers.LlamaForCausalLM (eager attention, eval mode) with
+  O(1) weights and non-unit norms, so parity tests see real signal."""
+  import torch  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
+  torch.manual_seed(seed)
+  model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+      **config, attn_implementation="eager")).eval()
+  with torch.no_grad():
+    for p in model.parameters():
+      if p.ndim == 1:
+        p.copy_(1 + 0.2 * torch.randn_like(p))
+      else:
+        p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
+  return model

@@ -24,6 +24,7 @@ from mllm_jax.modeling.config import ModelConfig  # noqa: E402
 from mllm_jax.modeling.layers import apply_rope, rope_frequencies  # noqa: E402
 from mllm_jax.parallel.mesh import ParallelConfig, make_mesh  # noqa: E402
 from mllm_jax.parallel.sharding import param_shardings  # noqa: E402
+from tests.helpers import random_hf_llama  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOLERANCE = 1e-4
@@ -52,18 +53,7 @@ POSITIONS = np.arange(24)[None] + np.array([[0], [300]])
 
 
 def hf_model(seed=0, **overrides):
-  """A random LlamaForCausalLM with O(1) weights and non-unit norms."""
-  torch.manual_seed(seed)
-  config = transformers.LlamaConfig(**{**BASE, **overrides},
-                                    attn_implementation="eager")
-  model = transformers.LlamaForCausalLM(config).eval()
-  with torch.no_grad():
-    for p in model.parameters():
-      if p.ndim == 1:
-        p.copy_(1 + 0.2 * torch.randn_like(p))
-      else:
-        p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
-  return model
+  return random_hf_llama(seed, **{**BASE, **overrides})
 
 
 def hf_logits(model, tokens):

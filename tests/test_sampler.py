@@ -23,6 +23,7 @@ from mllm_jax.generate.sampling import (  # noqa: E402
 from mllm_jax.modeling import Decoder, ModelConfig  # noqa: E402
 from mllm_jax.parallel.mesh import ParallelConfig, make_mesh  # noqa: E402
 from mllm_jax.parallel.sharding import DEFAULT_RULES  # noqa: E402
+from tests.helpers import random_hf_llama  # noqa: E402
 
 VOCAB = 259  # ByteTokenizer's size, so eval tests can share the model.
 PROMPTS = [[1, 72, 105, 33, 200, 7], [1, 40], [1, 9, 9, 14, 15, 16, 17, 18,
@@ -30,20 +31,11 @@ PROMPTS = [[1, 72, 105, 33, 200, 7], [1, 40], [1, 9, 9, 14, 15, 16, 17, 18,
 
 
 def hf_llama(seed: int = 0, **overrides):
-  """A random LlamaForCausalLM with O(1) weights and non-unit norms."""
-  torch.manual_seed(seed)
-  config = transformers.LlamaConfig(**{
+  """The shared random reference model, set up for greedy `generate`."""
+  model = random_hf_llama(seed, **{
       **dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
              num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, rms_norm_eps=1e-5), **overrides},
-      attn_implementation="eager")
-  model = transformers.LlamaForCausalLM(config).eval()
-  with torch.no_grad():
-    for p in model.parameters():
-      if p.ndim == 1:
-        p.copy_(1 + 0.2 * torch.randn_like(p))
-      else:
-        p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
+             num_key_value_heads=2, rms_norm_eps=1e-5), **overrides})
   model.generation_config.eos_token_id = None
   model.generation_config.pad_token_id = 0
   return model

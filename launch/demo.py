@@ -67,20 +67,65 @@ def clean_web(workdir: str) -> list[str]:
   return lines + [""]
 
 
+def tokenize(workdir: str) -> list[str]:
+  """One tokenizer over both sources, then token shards of each: Shakespeare
+  (two plays held out for perplexity) and the web corpus just cleaned."""
+  from mllm_jax.data.samples import shakespeare_files
+  out = os.path.join(workdir, "tokens")
+  plays = os.path.join(workdir, "plays")
+  for split, files in zip(("train", "held_out"), shakespeare_files()):
+    os.makedirs(os.path.join(plays, split), exist_ok=True)
+    for path in files:
+      link = os.path.join(plays, split, os.path.basename(path))
+      if not os.path.exists(link):
+        os.symlink(path, link)
+  train_plays, held_out_plays = (os.path.join(plays, "train", "*.txt"),
+                                 os.path.join(plays, "held_out", "*.txt"))
+  web = os.path.join(workdir, "clean_web", "corpus", "en", "*.jsonl")
+  tokenizer = os.path.join(out, "tokenizer")
+  if not os.path.exists(tokenizer + ".model"):
+    run("train_tokenizer", [f"--input={train_plays},{web}",
+                            "--text_split=paragraph", "--vocab_size=1024",
+                            f"--output={tokenizer}"])
+  jobs = (("shakespeare", train_plays, "chunk"),
+          ("held_out", held_out_plays, "chunk"), ("web", web, "file"))
+  lines = ["## Tokens: a 1,024-piece SentencePiece BPE over both sources", "",
+           "| shards | documents | tokens | dropped |", "| --- | ---: | ---: | ---: |"]
+  for name, inputs, split in jobs:
+    run("tokenize_corpus", [f"--input={inputs}",
+                            f"--tokenizer={tokenizer}.model",
+                            f"--output_dir={out}", f"--name={name}",
+                            f"--text_split={split}"])
+    summary = json.load(open(os.path.join(out, f"{name}.summary.json")))
+    lines.append(f"| {name} | {summary['documents']:,} | "
+                 f"{summary['tokens']:,} | {sum(summary['dropped'].values())} |")
+  return lines + [""]
+
+
 def pretrain(workdir: str) -> list[str]:
-  """Tokenizer + token shards from Shakespeare, then a tiny LLaMA."""
+  """A tiny LLaMA on a mixture of Shakespeare and the cleaned web text."""
   out = os.path.join(workdir, "pretrain")
+  tokens = os.path.join(workdir, "tokens")
+  sources = (("shakespeare", f"{tokens}/shakespeare-*", 0.8, 1.0),
+             ("web", f"{tokens}/web-*", 0.2, 3.0))
   if not os.path.exists(os.path.join(out, "summary.json")):
-    run("pretrain", ["--config=configs/pretrain.py:tiny", f"--workdir={out}",
-                     f"--config.train.steps={FLAGS.pretrain_steps}"])
+    run("pretrain", [
+        "--config=configs/pretrain.py:tiny", f"--workdir={out}",
+        f"--config.train.steps={FLAGS.pretrain_steps}",
+        "--config.data_recipe=",
+        f"--config.data.tokenizer={tokens}/tokenizer.model",
+        f"--config.data.sources={sources!r}",
+        f"--config.data.eval_sources={(('held_out', f'{tokens}/held_out-*'),)!r}"])
   summary = json.load(open(os.path.join(out, "summary.json")))
   config = json.load(open(os.path.join(out, "config.json")))
-  tokens = sum(s["tokens"] for s in config["data_info"]["sources"].values())
+  counts = config["data_info"]["sources"]
   lines = [
-      "## Pretraining: a tiny LLaMA on Shakespeare", "",
-      f"- {config['data_info']['vocab_size']}-token SentencePiece BPE; "
-      f"{tokens:,} training tokens; two plays held out",
-      f"- held-out loss **{summary['eval_loss']:.3f}** nats/token "
+      "## Pretraining: a tiny LLaMA on Shakespeare + clean web text", "",
+      "- mixture by tokens: " + ", ".join(
+          f"{name} {weight:.0%} (up to {epochs:g} epochs of "
+          f"{counts[name]['tokens']:,} tokens)"
+          for name, _, weight, epochs in sources),
+      f"- held-out plays: loss **{summary['eval_loss']:.3f}** nats/token "
       f"(perplexity {summary['eval_perplexity']:.1f}) vs the unigram "
       f"baseline {summary['unigram_loss']:.3f} "
       f"(perplexity {summary['unigram_perplexity']:.1f})",
@@ -125,8 +170,8 @@ def evaluate(workdir: str) -> list[str]:
   return lines + [""]
 
 
-STAGES: list[Callable[[str], list[str]]] = [clean_web, pretrain, generate,
-                                            evaluate]
+STAGES: list[Callable[[str], list[str]]] = [clean_web, tokenize, pretrain,
+                                            generate, evaluate]
 
 
 def main(argv):

@@ -47,6 +47,9 @@ class ModelConfig:
   param_dtype: str = "float32"
   dtype: str = "bfloat16"
   remat: str = "none"
+  # Layers per scan iteration: >1 lets XLA fuse across layers (faster steps,
+  # same numbers) at a compile time that grows with it.
+  scan_unroll: int = 1
 
   # Derived sizes: read these, never the raw zero-means-default fields.
   @property
@@ -75,7 +78,7 @@ class ModelConfig:
 
   def validate(self, prefix: str = "model") -> None:
     for name in ("vocab_size", "embed_dim", "num_layers", "num_heads",
-                 "max_seq_len", "mlp_multiple_of"):
+                 "max_seq_len", "mlp_multiple_of", "scan_unroll"):
       check(getattr(self, name) > 0, f"{prefix}.{name}", "must be positive")
     for name in ("num_kv_heads", "head_dim", "mlp_dim"):
       check(getattr(self, name) >= 0, f"{prefix}.{name}",

@@ -120,7 +120,8 @@ class Decoder(nnx.Module):
     if use_remat:
       layer = jax.checkpoint(layer, policy=policy, prevent_cse=False)
     layer_caches = None if cache is None else (cache.k, cache.v)
-    x, new_kv = jax.lax.scan(layer, x, (block_state, layer_caches))
+    x, new_kv = jax.lax.scan(layer, x, (block_state, layer_caches),
+                             unroll=min(cfg.scan_unroll, cfg.num_layers))
 
     x = self.final_norm(x)
     if cfg.tie_embeddings:

@@ -25,7 +25,11 @@ from data_pipeline.shingles import mix64, shingle_hashes
 from data_pipeline.union_find import UnionFind
 
 PRESETS = {"refinedweb": (450, 20, 5), "fineweb": (14, 8, 5)}
-_CHUNK = 128  # hash functions per NumPy block: shingles x 128 x 8 bytes.
+# NumPy block of hash functions x shingles (uint64): 128 x 16384 x 8 bytes.
+# Long rows amortise per-row loop overhead; measured ~3x faster than blocks
+# that fit L2 (2,048 shingles).
+_ROWS, _COLS = 128, 16384
+_BATCH_SHINGLES = 1 << 18
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,26 +73,51 @@ class MinHasher:
   def signature(self, text: str) -> np.ndarray:
     """uint32 minima, one per hash function (all max for an empty text)."""
     x = shingle_hashes(text, self.params.ngram, unique=False)
+    return self.signatures(x, np.array([0, len(x)]))[0]
+
+  def signatures(self, x: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """(texts, hashes) uint32 minima; text i's shingle hashes are
+    ``x[offsets[i]:offsets[i + 1]]`` (all max for an empty text).
+
+    h = (a * x + b) mod 2**64 is built as a (hashes x shingles) block, a
+    chunk of shingles of many texts at a time: reducing along the contiguous
+    axis with ``minimum.reduceat`` over text segments is ~3x faster than a
+    (shingles x hashes) block per text, whose per-text calls and strided
+    reductions dominated. The top 32 bits are the hash; min commutes with
+    the shift, so it is taken once at the end.
+    """
     k = self.params.num_hashes
-    sig = np.full(k, np.iinfo(np.uint32).max, np.uint32)
-    if len(x) == 0:
-      return sig
-    x = x[:, None]
-    buf = np.empty((len(x), min(k, _CHUNK)), np.uint64)
-    for lo in range(0, k, _CHUNK):
-      hi = min(k, lo + _CHUNK)
-      h = buf[:, :hi - lo]
-      np.multiply(x, self.a[lo:hi], out=h)  # Wraps mod 2**64, as intended.
-      np.add(h, self.b[lo:hi], out=h)
-      # The top 32 bits are the hash; min commutes with the shift.
-      sig[lo:hi] = h.min(axis=0) >> np.uint64(32)
-    return sig
+    n_docs = len(offsets) - 1
+    sig = np.full((n_docs, k), np.iinfo(np.uint64).max, np.uint64)
+    docs = np.flatnonzero(np.diff(offsets) > 0)
+    starts = offsets[docs]
+    rows = min(k, _ROWS)
+    buf = np.empty((rows, _COLS), np.uint64)
+    for lo in range(0, len(x), _COLS):
+      hi = min(len(x), lo + _COLS)
+      # Texts with shingles in [lo, hi): the one holding lo, then those
+      # starting inside.
+      i0 = np.searchsorted(starts, lo, side="right") - 1
+      i1 = np.searchsorted(starts, hi, side="left")
+      seg = np.concatenate([[0], starts[i0 + 1:i1] - lo])
+      d = docs[i0:i1]
+      xs = x[lo:hi]
+      for r0 in range(0, k, rows):
+        r1 = min(k, r0 + rows)
+        h = buf[:r1 - r0, :hi - lo]
+        np.multiply(self.a[r0:r1, None], xs, out=h)  # Wraps mod 2**64.
+        np.add(h, self.b[r0:r1, None], out=h)
+        m = np.minimum.reduceat(h, seg, axis=1).T
+        sig[d, r0:r1] = np.minimum(sig[d, r0:r1], m)
+    return (sig >> np.uint64(32)).astype(np.uint32)
 
   def band_keys(self, sig: np.ndarray) -> np.ndarray:
-    """One uint64 key per band (equal rows -> equal key)."""
-    rows = sig.reshape(self.params.bands, self.params.rows).astype(np.uint64)
+    """One uint64 key per band (equal rows -> equal key); ``sig`` may be one
+    signature or a (texts, hashes) batch."""
+    rows = sig.reshape(*sig.shape[:-1], self.params.bands,
+                       self.params.rows).astype(np.uint64)
     with np.errstate(over="ignore"):
-      keys = (rows * self.band_mult).sum(axis=1, dtype=np.uint64)
+      keys = (rows * self.band_mult).sum(axis=-1, dtype=np.uint64)
       keys = mix64(keys + np.arange(self.params.bands, dtype=np.uint64))
     return keys
 
@@ -104,22 +133,28 @@ class BandSpill:
     shutil.rmtree(workdir, ignore_errors=True)
     os.makedirs(workdir)
     self._keys: list[np.ndarray] = []
-    self._ids: list[int] = []
+    self._ids: list[np.ndarray] = []
+    self._n = 0
 
   def path(self, band: int, bucket: int) -> str:
     return os.path.join(self.workdir, f"band{band:04d}_bucket{bucket:03d}.bin")
 
   def add(self, index: int, keys: np.ndarray) -> None:
+    self.add_many(index, keys[None])
+
+  def add_many(self, first: int, keys: np.ndarray) -> None:
+    """Keys of documents first, first + 1, ...: a (docs, bands) array."""
     self._keys.append(keys)
-    self._ids.append(index)
-    if len(self._ids) >= self.flush_docs:
+    self._ids.append(np.arange(first, first + len(keys), dtype=np.uint64))
+    self._n += len(keys)
+    if self._n >= self.flush_docs:
       self.flush()
 
   def flush(self) -> None:
-    if not self._ids:
+    if not self._keys:
       return
-    keys = np.stack(self._keys)  # (docs, bands)
-    ids = np.asarray(self._ids, np.uint64)
+    keys = np.concatenate(self._keys)  # (docs, bands)
+    ids = np.concatenate(self._ids)
     bucket = (keys >> np.uint64(40)) % np.uint64(self.buckets)
     for band in range(self.bands):
       for b in range(self.buckets):
@@ -128,7 +163,7 @@ class BandSpill:
           pairs = np.stack([keys[sel, band], ids[sel]], axis=1)
           with open(self.path(band, b), "ab") as f:
             f.write(pairs.tobytes())
-    self._keys, self._ids = [], []
+    self._keys, self._ids, self._n = [], [], 0
 
   def edges(self) -> Iterable[tuple[np.ndarray, np.ndarray]]:
     """Per bucket file: (first doc of each equal-key run, other doc) pairs."""
@@ -157,12 +192,28 @@ def cluster(num_docs: int, spill: BandSpill) -> np.ndarray:
 
 def minhash_duplicates(texts: Iterable[str], params: MinHashParams, workdir: str,
                        buckets: int = 1, flush_docs: int = 4096) -> np.ndarray:
-  """Cluster root per document (root == own index: kept)."""
+  """Cluster root per document (root == own index: kept).
+
+  Texts are shingled one at a time (their code point arrays stay in cache)
+  and signed in batches of ~_BATCH_SHINGLES shingles (long NumPy rows)."""
   hasher = MinHasher(params)
   spill = BandSpill(workdir, params.bands, buckets, flush_docs)
-  n = 0
+  n, batch, size = 0, [], 0
+
+  def sign() -> None:
+    offsets = np.cumsum([0] + [len(x) for x in batch])
+    keys = hasher.band_keys(hasher.signatures(np.concatenate(batch), offsets))
+    spill.add_many(n - len(batch), keys)
+    batch.clear()
+
   for n, text in enumerate(texts, 1):
-    spill.add(n - 1, hasher.band_keys(hasher.signature(text)))
+    batch.append(shingle_hashes(text, params.ngram, unique=False))
+    size += len(batch[-1])
+    if size >= _BATCH_SHINGLES:
+      sign()
+      size = 0
+  if batch:
+    sign()
   return cluster(n, spill)
 
 

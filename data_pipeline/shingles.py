@@ -34,6 +34,8 @@ def normalise(text: str) -> str:
 
 
 _WORD_CHAR = np.array([chr(c).isalnum() for c in range(0x10000)], bool)
+# Code points above U+FFFF count as letters; a full table is one gather.
+_WORD_TABLE = np.concatenate([_WORD_CHAR, np.ones(0x110000 - 0x10000, bool)])
 _POWERS = {"p": np.ones(1, np.uint64), "inv": np.ones(1, np.uint64)}
 
 
@@ -49,6 +51,19 @@ def _powers(n: int) -> tuple[np.ndarray, np.ndarray]:
   return _POWERS["p"][:n], _POWERS["inv"][:n]
 
 
+def _mix64_(x: np.ndarray) -> np.ndarray:
+  """mix64 in place (no temporaries the size of x beyond one)."""
+  t = np.empty_like(x)
+  with np.errstate(over="ignore"):
+    for shift, mult in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
+      np.right_shift(x, np.uint64(shift), out=t)
+      np.bitwise_xor(x, t, out=x)
+      np.multiply(x, np.uint64(mult), out=x)
+    np.right_shift(x, np.uint64(31), out=t)
+    np.bitwise_xor(x, t, out=x)
+  return x
+
+
 def word_hashes(text: str) -> np.ndarray:
   """uint64 hash per word of the normalised text.
 
@@ -58,33 +73,50 @@ def word_hashes(text: str) -> np.ndarray:
   prefix-sum polynomial so no Python code runs per word.
   """
   cp = np.frombuffer(text.lower().encode("utf-32-le"), np.uint32)
-  is_word = np.ones(len(cp), bool)
-  bmp = cp < 0x10000
-  is_word[bmp] = _WORD_CHAR[cp[bmp]]
-  return _run_hashes(cp, is_word)
+  return _run_hashes(cp, _WORD_TABLE[cp])[0]
 
 
 def token_hashes(words: list[str]) -> np.ndarray:
   """uint64 hash per given token (no whitespace inside), the same in every
   process (unlike ``hash()``, which is salted per process)."""
   cp = np.frombuffer(" ".join(words).encode("utf-32-le"), np.uint32)
-  return _run_hashes(cp, cp != 32)
+  return _run_hashes(cp, cp != 32)[0]
 
 
-def _run_hashes(cp: np.ndarray, is_word: np.ndarray) -> np.ndarray:
-  """Hash of each maximal run of ``is_word`` code points."""
-  if len(cp) == 0:
-    return np.zeros(0, np.uint64)
-  edges = np.diff(is_word.astype(np.int8), prepend=0, append=0)
-  starts, ends = np.nonzero(edges == 1)[0], np.nonzero(edges == -1)[0]
+def _run_hashes(cp: np.ndarray,
+                is_word: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Hash and start offset of each maximal run of ``is_word`` code points."""
+  flags = np.zeros(len(cp) + 2, bool)
+  flags[1:-1] = is_word
+  edges = np.flatnonzero(flags[1:] != flags[:-1])  # Start, end, start, ...
+  starts, ends = edges[0::2], edges[1::2]
   if len(starts) == 0:
-    return np.zeros(0, np.uint64)
+    return np.zeros(0, np.uint64), starts
   powers, inv = _powers(len(cp))
+  # prefix[i] = sum_{j < i} (cp[j] + 1) * P**j, wrapping mod 2**64.
+  prefix = np.empty(len(cp) + 1, np.uint64)
+  prefix[0] = 0
   with np.errstate(over="ignore"):
-    prefix = np.concatenate([[np.uint64(0)], np.cumsum(
-        (cp.astype(np.uint64) + np.uint64(1)) * powers, dtype=np.uint64)])
-    h = (prefix[ends] - prefix[starts]) * inv[starts]
-  return mix64(h ^ (ends - starts).astype(np.uint64))
+    np.add(cp, np.uint64(1), out=prefix[1:])
+    np.multiply(prefix[1:], powers, out=prefix[1:])
+    np.cumsum(prefix, out=prefix)
+    h = prefix[ends]
+    h -= prefix[starts]
+    h *= inv[starts]
+    h ^= (ends - starts).astype(np.uint64)
+  return _mix64_(h), starts
+
+
+def _ngrams(w: np.ndarray, n: int) -> np.ndarray:
+  """Unmixed n-gram polynomial of each window of w (the whole of w if
+  shorter)."""
+  m = max(1, len(w) - n + 1)
+  with np.errstate(over="ignore"):
+    out = w[:m].copy()
+    for k in range(1, min(n, len(w))):
+      out *= _Q
+      out += w[k:k + m]
+  return out
 
 
 def shingle_hashes(text: str, n: int = 5, unique: bool = True) -> np.ndarray:
@@ -94,11 +126,5 @@ def shingle_hashes(text: str, n: int = 5, unique: bool = True) -> np.ndarray:
   w = word_hashes(text)
   if len(w) == 0:
     return w
-  m = max(1, len(w) - n + 1)
-  k_max = min(n, len(w))
-  with np.errstate(over="ignore"):
-    out = w[:m].copy()
-    for k in range(1, k_max):
-      out = out * _Q + w[k:k + m]
-  out = mix64(out)
+  out = _mix64_(_ngrams(w, n))
   return np.unique(out) if unique else out

@@ -1,6 +1,7 @@
 """data_pipeline against its peers, same input, same run; ratios printed last.
 
   python bench/data_pipeline.py [--en-step 4] [--sa-mb 100]
+      [--only chain|minhash|exact]
 
 1. Per-document chain on one WARC of real pages (LibreOffice help en + Python
    docs), one process: read -> URL filter -> extract -> repetition -> quality
@@ -200,11 +201,26 @@ def main() -> None:
                   help="Every k-th LibreOffice en page goes in the WARC.")
   ap.add_argument("--sa-mb", type=int, default=100,
                   help="Megabytes of text for the suffix-array bench.")
+  ap.add_argument("--only", choices=("chain", "minhash", "exact"),
+                  help="Run one part (all three by default).")
   args = ap.parse_args()
   peer_python()
   ratios = []
+  if args.only in (None, "chain"):
+    ratios += run_chain(args.en_step)
+  if args.only in (None, "minhash"):
+    ratios += run_minhash()
+  if args.only in (None, "exact"):
+    ratios += run_exact(args.sa_mb)
+  print("\nratios (> 1: ours faster)")
+  for name, r in ratios:
+    print(f"  {name}: {r:.2f}x")
+
+
+def run_chain(en_step: int) -> list:
+  ratios = []
   with tempfile.TemporaryDirectory() as tmp:
-    path, n = build_warc(tmp, args.en_step)
+    path, n = build_warc(tmp, en_step)
     mb = os.path.getsize(path) / 1e6
     print(f"[chain] {n} real pages in one WARC ({mb:.1f} MB gz), 1 process")
     ours = bench_chain(path, n, "resiliparse", False)
@@ -221,7 +237,10 @@ def main() -> None:
                 ours["dps"] / peer["dps"]),
                ("chain docs/s/core, ours (trafilatura) / datatrove",
                 ours_tf["dps"] / peer["dps"])]
+  return ratios
 
+
+def run_minhash() -> list:
   texts = minhash_texts()
   with tempfile.TemporaryDirectory() as tmp:
     text_file = os.path.join(tmp, "texts.jsonl")
@@ -236,12 +255,14 @@ def main() -> None:
                   ("rensa", peers["rensa"])):
     print(f"  {name:12s} {len(texts) / r['cpu']:8.1f} docs/s/core  "
           f"(cpu {r['cpu']:.2f} s, {r['dups']} duplicates found)")
-  ratios += [("minhash speed, ours / datasketch (goal >= 10)",
-              peers["datasketch"]["cpu"] / ours["cpu"]),
-             ("minhash speed, ours / rensa (goal >= 1)",
-              peers["rensa"]["cpu"] / ours["cpu"])]
+  return [("minhash speed, ours / datasketch (goal >= 10)",
+           peers["datasketch"]["cpu"] / ours["cpu"]),
+          ("minhash speed, ours / rensa (goal >= 1)",
+           peers["rensa"]["cpu"] / ours["cpu"])]
 
-  texts = sa_texts(args.sa_mb)
+
+def run_exact(sa_mb: int) -> list:
+  texts = sa_texts(sa_mb)
   mb = sum(len(t.encode()) for t in texts) / 1e6
   c0, w0 = time.process_time(), time.perf_counter()
   spans = duplicate_spans(texts, 100)
@@ -251,11 +272,8 @@ def main() -> None:
         f"(cpu {cpu:.1f} s, wall {wall:.1f} s), {removed:.1f} MB in repeated "
         "spans >= 100 bytes")
   lm1b = 4000 / 7200  # MB/s: ~4 GB in ~2 h, suffix array only.
-  ratios.append(("suffix-array dedup MB/s, ours / deduplicate-text-datasets "
-                 "README (LM1B)", mb / cpu / lm1b))
-  print("\nratios (> 1: ours faster)")
-  for name, r in ratios:
-    print(f"  {name}: {r:.2f}x")
+  return [("suffix-array dedup MB/s, ours / deduplicate-text-datasets "
+           "README (LM1B)", mb / cpu / lm1b)]
 
 
 if __name__ == "__main__":

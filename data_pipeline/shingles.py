@@ -36,6 +36,7 @@ def normalise(text: str) -> str:
 _WORD_CHAR = np.array([chr(c).isalnum() for c in range(0x10000)], bool)
 # Code points above U+FFFF count as letters; a full table is one gather.
 _WORD_TABLE = np.concatenate([_WORD_CHAR, np.ones(0x110000 - 0x10000, bool)])
+_ASCII_WORD = _WORD_CHAR[:256].astype(np.uint8).tobytes()  # bytes.translate map.
 _POWERS = {"p": np.ones(1, np.uint64), "inv": np.ones(1, np.uint64)}
 
 
@@ -72,7 +73,12 @@ def word_hashes(text: str) -> np.ndarray:
   ``[\\W_]`` splits; code points above U+FFFF count as letters), hashed by a
   prefix-sum polynomial so no Python code runs per word.
   """
-  cp = np.frombuffer(text.lower().encode("utf-32-le"), np.uint32)
+  low = text.lower()
+  if low.isascii():  # Most web text: 1 byte per code point, no gather.
+    raw = low.encode("ascii")
+    cp = np.frombuffer(raw, np.uint8)
+    return _run_hashes(cp, np.frombuffer(raw.translate(_ASCII_WORD), bool))[0]
+  cp = np.frombuffer(low.encode("utf-32-le"), np.uint32)
   return _run_hashes(cp, _WORD_TABLE[cp])[0]
 
 

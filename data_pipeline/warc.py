@@ -199,16 +199,29 @@ def read_warc(path: str, funnel: Funnel) -> Iterator[Document]:
           else:
             raise RecordError(f"skip:{rtype}")
         except Exception as e:
-          reason = e.reason if isinstance(e, RecordError) else "malformed_record"
-          stats.record_drop(reason, length)
-          funnel.sample_drop(STAGE, reason, None, f"{source} {uri}: {e}")
+          _count_bad_record(stats, funnel, f"{source} {uri}", length, e)
           continue
         stats.record_out(doc.nbytes())
         yield doc
   except Exception as e:  # Framing broke: the rest of this file is unreadable.
-    stats.record_in(0)
-    stats.record_drop("malformed_warc", 0)
-    funnel.sample_drop(STAGE, "malformed_warc", None, f"{source}: {e}")
+    _count_bad_file(stats, funnel, source, e)
+
+
+def _count_bad_record(stats, funnel: Funnel, where: str, length: int,
+                      error: Exception) -> None:
+  """A record that cannot become a document: dropped with its reason."""
+  reason = (error.reason if isinstance(error, RecordError)
+            else "malformed_record")
+  stats.record_drop(reason, length)
+  funnel.sample_drop(STAGE, reason, None, f"{where}: {error}")
+
+
+def _count_bad_file(stats, funnel: Funnel, source: str,
+                    error: Exception) -> None:
+  """Framing broke: the rest of the file counts as one malformed record."""
+  stats.record_in(0)
+  stats.record_drop("malformed_warc", 0)
+  funnel.sample_drop(STAGE, "malformed_warc", None, f"{source}: {error}")
 
 
 def _read_arc(path: str, funnel: Funnel) -> Iterator[Document]:
@@ -233,13 +246,9 @@ def _read_arc(path: str, funnel: Funnel) -> Iterator[Document]:
                                record.rec_headers.get_header("WARC-Date") or "",
                                block, True, source)
         except Exception as e:
-          reason = e.reason if isinstance(e, RecordError) else "malformed_record"
-          stats.record_drop(reason, length)
-          funnel.sample_drop(STAGE, reason, None, f"{source} {uri}: {e}")
+          _count_bad_record(stats, funnel, f"{source} {uri}", length, e)
           continue
         stats.record_out(doc.nbytes())
         yield doc
   except Exception as e:
-    stats.record_in(0)
-    stats.record_drop("malformed_warc", 0)
-    funnel.sample_drop(STAGE, "malformed_warc", None, f"{source}: {e}")
+    _count_bad_file(stats, funnel, source, e)

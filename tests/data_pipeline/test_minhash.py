@@ -136,6 +136,41 @@ def test_refinedweb_preset_shape_and_threshold(corpus, tmp_path):
   assert np.array_equal(same, sims[idx] > 0.9)
 
 
+def test_signatures_are_pinned_and_batching_does_not_change_them(
+    corpus, monkeypatch, tmp_path):
+  """Batched, chunked signing (texts spanning chunks, several row blocks) is
+  bitwise the per-text result, which is pinned to the pre-batching values."""
+  import data_pipeline.minhash as mh
+  hasher = MinHasher(MinHashParams.preset("fineweb"))
+  sig = hasher.signature("The quick brown fox jumps over the lazy dog, again "
+                         "and again.")
+  assert sig[:4].tolist() == [71911081, 82040461, 79713109, 589868320]
+  assert int(sig.astype(np.uint64).sum()) == 55320009779
+  assert hasher.band_keys(sig)[:2].tolist() == [4731664609435159502,
+                                                12699184844802315600]
+  originals, copies, _ = corpus
+  texts = ["", "one", "a b c d"] + originals[:6] + ["", "x y"] + copies[:6] + [""]
+  monkeypatch.setattr(mh, "_ROWS", 48)
+  monkeypatch.setattr(mh, "_COLS", 700)
+  for params in (MinHashParams(bands=14, rows=8), MinHashParams(bands=9, rows=20)):
+    hasher = MinHasher(params)
+    xs = [shingle_hashes(t, unique=False) for t in texts]
+    batch = hasher.signatures(np.concatenate(xs),
+                              np.cumsum([0] + [len(x) for x in xs]))
+    one = np.stack([hasher.signature(t) for t in texts])
+    assert np.array_equal(batch, one) and (batch[0] == 2**32 - 1).all()
+    with np.errstate(over="ignore"):  # The plain definition, one text.
+      plain = (xs[3][:, None] * hasher.a + hasher.b).min(axis=0) >> np.uint64(32)
+    assert np.array_equal(batch[3], plain)
+    assert np.array_equal(hasher.band_keys(batch),
+                          np.stack([hasher.band_keys(s) for s in one]))
+  params = MinHashParams.preset("fineweb")
+  whole = minhash_duplicates(texts, params, str(tmp_path / "a"))
+  monkeypatch.setattr(mh, "_BATCH_SHINGLES", 500)  # Many small batches.
+  assert np.array_equal(whole, minhash_duplicates(texts, params,
+                                                  str(tmp_path / "b")))
+
+
 def test_union_find_matches_a_plain_python_version():
   rng = np.random.default_rng(3)
   n = 2000

@@ -27,7 +27,6 @@ default); docs/benchmarks.md has the measured effect of each.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import statistics
 import sys
@@ -59,22 +58,6 @@ def configure_xla(threads: int, extra_flags: str) -> None:
   os.environ["XLA_FLAGS"] = " ".join(flags)
   if threads < len(os.sched_getaffinity(0)):
     os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:threads])
-
-
-def keep_freed_memory() -> None:
-  """Stops glibc from returning freed memory to the OS between steps.
-
-  XLA:CPU allocates each step's temporaries (~1.3 GB here) in one block from
-  an executor thread; glibc serves that with a fresh mmap and unmaps it on
-  free, so every step page-faults ~350k new pages (measured with getrusage).
-  One arena, no mmap and no trimming keep the pages mapped after step one.
-  Applies to the whole process, so torch gets the same allocator.
-  """
-  libc = ctypes.CDLL("libc.so.6")
-  m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8
-  libc.mallopt(m_arena_max, 1)
-  libc.mallopt(m_mmap_max, 0)
-  libc.mallopt(m_trim_threshold, 2**31 - 1)
 
 
 def torch_matmul_peak(size: int = 2048, repeats: int = 5) -> float:
@@ -230,6 +213,7 @@ def main() -> None:
   args = parser.parse_args()
   configure_xla(args.threads, args.xla_flags)
   if not args.release_memory:
+    from mllm_jax.runtime import keep_freed_memory  # pylint: disable=g-import-not-at-top
     keep_freed_memory()
 
   # pylint: disable=import-outside-toplevel

@@ -20,7 +20,7 @@ from absl import app, flags, logging
 
 from mllm_jax.configlib import ConfigError
 from mllm_jax.convert import hf
-from mllm_jax.logs import quiet_library_logs
+from mllm_jax.runtime import quiet_library_logs
 
 _FROM = flags.DEFINE_enum(
     "from", None, ["hf", "native"],

@@ -31,7 +31,7 @@ from mllm_jax.data.config import DataConfig
 from mllm_jax.data.pipeline import (check_data, make_eval_batches,
                                     make_pretrain_iterator)
 from mllm_jax.data.samples import prepare_shakespeare
-from mllm_jax.logs import quiet_library_logs
+from mllm_jax.runtime import keep_freed_memory, quiet_library_logs
 from mllm_jax.modeling import ModelConfig
 from mllm_jax.parallel.mesh import ParallelConfig, initialize_distributed
 from mllm_jax.train.metrics import console
@@ -85,6 +85,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   quiet_library_logs()
   initialize_distributed()
+  if jax.default_backend() == "cpu":
+    keep_freed_memory()
   config, workdir = _CONFIG.value, _WORKDIR.value
   try:
     model_cfg = from_config(ModelConfig, config.model, "model")

@@ -79,7 +79,12 @@ def main(argv: list[str]) -> None:
   from data_pipeline import config, runners
   try:
     cfg = config.load(FLAGS.config)
-    cfg.input_files()
+    if "://" in cfg.input:  # gs://, s3://, hdfs://: Beam's filesystems
+      config.check(cfg.runner == "beam", "config.input",
+                   f"{cfg.input!r} is a URL; remote inputs need "
+                   "--config.runner=beam")
+    else:
+      cfg.input_files()  # a local glob that matches nothing fails here
   except config.ConfigError as e:
     _config_error(str(e))
   funnel = runners.run(cfg, FLAGS.workdir)

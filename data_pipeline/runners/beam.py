@@ -10,9 +10,9 @@ documents are sorted back into (shard, position) order first, which makes the
 output byte-identical to the local runner's. ``cfg.beam_options`` goes to
 PipelineOptions; without a ``--runner`` there, FnApiRunner runs it in process
 (the engine DirectRunner falls back to; DirectRunner itself first tries Prism,
-whose binary it would download at run time). Files are read and written with
-local paths: on Dataflow/Flink/Spark, input and workdir must be on a file
-system every worker mounts (e.g. a bucket through gcsfuse, or NFS).
+whose binary it would download at run time). Inputs and the workdir may be
+local paths or ``gs://``/``s3://``/``hdfs://`` URLs: file access goes through
+``runners.fs`` (Beam's FileSystems), which stages remote files locally.
 """
 
 import json
@@ -21,12 +21,14 @@ import shlex
 from typing import Iterator
 
 import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from data_pipeline import corpus
+from data_pipeline import config, corpus
 from data_pipeline.config import CleanConfig
 from data_pipeline.document import Document, Funnel
 from data_pipeline.pipeline import build_stages
+from data_pipeline.runners import fs
 
 LOCAL_RUNNER = "FnApiRunner"
 
@@ -45,8 +47,9 @@ class ChainShard(beam.DoFn):
 
   def process(self, shard: tuple[int, str]) -> Iterator:
     index, path = shard
-    docs, funnel = corpus.run_shard(path, self.stages,
-                                    self.cfg.samples_per_reason)
+    with fs.open_local(path) as local:
+      docs, funnel = corpus.run_shard(local, self.stages,
+                                      self.cfg.samples_per_reason)
     yield beam.pvalue.TaggedOutput(
         "funnel", (index, corpus.funnel_to_text(funnel)))
     for pos, doc in enumerate(docs):
@@ -63,16 +66,19 @@ class CleanLanguage(beam.DoFn):
   def process(self, group) -> Iterator[tuple[str, str]]:
     lang, rows = group
     docs = [Document.from_json(json.loads(row)) for _, _, row in sorted(rows)]
-    funnel = corpus.clean_language(lang, docs, self.cfg, self.workdir)
+    with fs.staged(self.workdir) as workdir:
+      funnel = corpus.clean_language(lang, docs, self.cfg, workdir)
     yield lang, corpus.funnel_to_text(funnel)
 
 
 def _finish(_, shard_funnels, language_funnels, cfg: CleanConfig,
             workdir: str) -> None:
-  corpus.finish(
-      cfg, build_stages(cfg), workdir,
-      [corpus.funnel_from_text(t) for _, t in sorted(shard_funnels)],
-      {lang: corpus.funnel_from_text(t) for lang, t in language_funnels})
+  # The mixture reads the corpus shards back, so a remote run fetches them.
+  with fs.staged(workdir, fetch=(corpus.CORPUS_DIR,)) as local:
+    corpus.finish(
+        cfg, build_stages(cfg), local,
+        [corpus.funnel_from_text(t) for _, t in sorted(shard_funnels)],
+        {lang: corpus.funnel_from_text(t) for lang, t in language_funnels})
 
 
 def build(p: beam.Pipeline, cfg: CleanConfig, paths: list[str],
@@ -91,16 +97,32 @@ def build(p: beam.Pipeline, cfg: CleanConfig, paths: list[str],
                               cfg=cfg, workdir=workdir))
 
 
+def input_paths(cfg: CleanConfig) -> list[str]:
+  """The sorted input files: a local glob as the local runner matches it (same
+  shard numbers), a URL glob through Beam's FileSystems."""
+  if not fs.is_remote(cfg.input):
+    return [os.path.abspath(p) for p in cfg.input_files()]
+  paths = fs.match(cfg.input)
+  config.check(bool(paths), f"{config.PREFIX}.input",
+               f"{cfg.input!r} matches no file")
+  return paths
+
+
 def run(cfg: CleanConfig, workdir: str):
-  paths = [os.path.abspath(p) for p in cfg.input_files()]
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  corpus.reset_outputs(workdir)
+  paths = input_paths(cfg)
+  if fs.is_remote(workdir):
+    for name in (corpus.CORPUS_DIR, corpus.MIXED_DIR):
+      fs.delete_under(FileSystems.join(workdir, name))
+  else:
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    corpus.reset_outputs(workdir)
   argv = shlex.split(cfg.beam_options)
   if not any(a.startswith("--runner") for a in argv):
     argv.append(f"--runner={LOCAL_RUNNER}")
   options = PipelineOptions(argv)
   with beam.Pipeline(options=options) as p:
     build(p, cfg, paths, workdir)
-  with open(os.path.join(workdir, "stats.json"), encoding="utf-8") as f:
+  with fs.open_local(FileSystems.join(workdir, "stats.json")) as path, \
+      open(path, encoding="utf-8") as f:
     return Funnel.from_json(json.load(f))

@@ -20,7 +20,7 @@ from absl import app, flags, logging
 
 from mllm_jax.configlib import ConfigError
 from mllm_jax.convert import hf
-from mllm_jax.runtime import quiet_library_logs
+from mllm_jax.runtime import quiet_library_logs, require_flags
 
 _FROM = flags.DEFINE_enum(
     "from", None, ["hf", "native"],
@@ -69,9 +69,7 @@ def main(argv: list[str]) -> None:
   quiet_library_logs()
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  for flag in (_FROM, _INPUT, _OUTPUT):
-    if not flag.value:
-      raise app.UsageError(f"--{flag.name} is required")
+  require_flags(_FROM, _INPUT, _OUTPUT)
   if _MAX_SHARD_MB.value <= 0:
     raise app.UsageError("--max_shard_mb must be positive")
   try:

@@ -20,7 +20,7 @@ from mllm_jax.configlib import ConfigError
 from mllm_jax.convert import native
 from mllm_jax.eval import runner
 from mllm_jax.data.tokenizer import load_tokenizer
-from mllm_jax.runtime import quiet_library_logs
+from mllm_jax.runtime import quiet_library_logs, require_flags
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None,
                                   "Native checkpoint directory.")
@@ -44,9 +44,7 @@ def main(argv: list[str]) -> None:
   quiet_library_logs()
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  for flag in (_CHECKPOINT, _TASKS, _OUTPUT):
-    if not flag.value:
-      raise app.UsageError(f"--{flag.name} is required")
+  require_flags(_CHECKPOINT, _TASKS, _OUTPUT)
   if _NUM_FEWSHOT.value is not None and _NUM_FEWSHOT.value < 0:
     raise app.UsageError("--num_fewshot must be >= 0")
   if _CODE_SAMPLES.value < 1:

@@ -20,7 +20,7 @@ from mllm_jax.configlib import ConfigError
 from mllm_jax.convert import native
 from mllm_jax.generate.sampler import Sampler, check_sampling_flags
 from mllm_jax.data.tokenizer import load_tokenizer
-from mllm_jax.runtime import quiet_library_logs
+from mllm_jax.runtime import quiet_library_logs, require_flags
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None,
                                   "Native checkpoint directory.")
@@ -79,9 +79,7 @@ def main(argv: list[str]) -> None:
   quiet_library_logs()
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  for flag in (_CHECKPOINT,):
-    if not flag.value:
-      raise app.UsageError(f"--{flag.name} is required")
+  require_flags(_CHECKPOINT)
   if bool(_PROMPT.value) == _CHAT.value:
     raise app.UsageError("give --prompt (one or more) or --chat, not both")
   if _MAX_NEW.value < 1:

@@ -20,6 +20,7 @@ from absl import app, flags, logging
 
 from mllm_jax.data import readers, shards
 from mllm_jax.data.tokenizer import load_tokenizer
+from mllm_jax.runtime import require_flags
 
 _INPUT = flags.DEFINE_string(
     "input", None, "Comma-separated globs: .txt (see --text_split), .jsonl "
@@ -48,9 +49,7 @@ _OVERWRITE = flags.DEFINE_bool(
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  for flag in (_INPUT, _TOKENIZER, _OUTPUT_DIR):
-    if not flag.value:
-      raise app.UsageError(f"--{flag.name} is required")
+  require_flags(_INPUT, _TOKENIZER, _OUTPUT_DIR)
   if _SHARD_TOKENS.value <= 0 or _CHUNK_CHARS.value <= 0:
     raise app.UsageError("--shard_tokens and --chunk_chars must be positive")
   done = shards.summary_path(_OUTPUT_DIR.value, _NAME.value)

@@ -22,6 +22,7 @@ from absl import app, flags, logging
 
 from mllm_jax.configlib import ConfigError
 from mllm_jax.data import readers, tokenizer, vocab
+from mllm_jax.runtime import require_flags
 
 _INPUT = flags.DEFINE_string(
     "input", None, "Comma-separated globs of training text: .txt (see "
@@ -101,9 +102,7 @@ def run() -> None:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  for flag in (_INPUT, _OUTPUT):
-    if not flag.value:
-      raise app.UsageError(f"--{flag.name} is required")
+  require_flags(_INPUT, _OUTPUT)
   if _RESIZE.value and not (_EXTEND.value and _RESIZED.value):
     raise app.UsageError("--resize_checkpoint needs --extend and "
                          "--resized_checkpoint")

@@ -3,7 +3,7 @@
 import ctypes
 import sys
 
-from absl import flags, logging
+from absl import app, flags, logging
 
 
 def quiet_library_logs() -> None:
@@ -14,6 +14,13 @@ def quiet_library_logs() -> None:
   """
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
+
+
+def require_flags(*holders: flags.FlagHolder) -> None:
+  """Usage error naming the first flag left unset or empty."""
+  for holder in holders:
+    if not holder.value:
+      raise app.UsageError(f"--{holder.name} is required")
 
 
 def keep_freed_memory() -> None:

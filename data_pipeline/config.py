@@ -88,6 +88,15 @@ class LinesConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class URLDedupConfig:
+  enabled: bool = True
+  buckets: int = 1  # Spill files for the URL keys; raise for corpora beyond RAM.
+
+  def validate(self, prefix: str) -> None:
+    check(self.buckets >= 1, f"{prefix}.buckets", "expected >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
 class MinHashConfig:
   enabled: bool = True
   preset: str = "refinedweb"
@@ -104,8 +113,14 @@ class ExactConfig:
   enabled: bool = True
   min_bytes: int = 100
   min_words_after: int = 50
+  # Suffix arrays are built per group of this many characters of consecutive
+  # documents (peak memory ~17 bytes per character); spans repeated across
+  # groups are not found.
+  group_bytes: int = 1 << 28
 
   def validate(self, prefix: str) -> None:
+    check(self.group_bytes >= 1 << 16, f"{prefix}.group_bytes",
+          f"got {self.group_bytes!r}; expected >= 65536")
     check(self.min_bytes >= 20, f"{prefix}.min_bytes",
           f"got {self.min_bytes!r}; expected >= 20 (shorter spans remove "
           "common phrases)")
@@ -163,7 +178,7 @@ class CleanConfig:
   repetition: EnabledConfig = EnabledConfig()
   quality: QualityConfig = QualityConfig()
   lines: LinesConfig = LinesConfig()
-  url_dedup: EnabledConfig = EnabledConfig()
+  url_dedup: URLDedupConfig = URLDedupConfig()
   minhash: MinHashConfig = MinHashConfig()
   exact: ExactConfig = ExactConfig()
   export: ExportConfig = ExportConfig()

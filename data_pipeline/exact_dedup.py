@@ -8,10 +8,11 @@ removed from all of its occurrences but the first. Matches are clipped at the
 separators so they never cross documents. Documents left shorter than
 ``min_chars_after`` are dropped.
 
-Larger than memory (SA + LCP take ~9 bytes per input byte): run it per shard of
-a few GB (repeats within a shard), after MinHash has already clustered
-near-copies across shards; to also catch cross-shard spans, build the suffix
-array of each shard pair or merge per-shard suffix arrays as Lee et al. do.
+Memory is ~17 bytes per input byte (the text, int32 suffix and LCP arrays,
+match lengths clipped at separators in chunks). Larger corpora run it per group
+of ``exact.group_bytes`` (``corpus.clean_language``), after MinHash has
+removed near-copies across the whole language; spans repeated across groups
+stay.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Sequence
 import numpy as np
 
 SEP = 0xFF
+_CHUNK = 1 << 22  # Suffix-array entries per step of the separator clipping.
 
 
 def duplicate_spans(texts: Sequence[str], min_bytes: int = 100
@@ -28,20 +30,27 @@ def duplicate_spans(texts: Sequence[str], min_bytes: int = 100
   """Byte ranges (per document, merged, sorted) to remove."""
   import pydivsufsort
   blobs = [t.encode("utf-8") for t in texts]
-  data = np.frombuffer(bytearray(b"\xff".join(blobs) + b"\xff"), dtype=np.uint8)
   starts = np.concatenate([[0], np.cumsum([len(b) + 1 for b in blobs])])
+  blobs.append(b"")  # The trailing separator.
+  data = np.frombuffer(bytearray(b"\xff").join(blobs), dtype=np.uint8)
+  del blobs
   if len(data) < 2:
     return [[] for _ in texts]
-  sa = pydivsufsort.divsufsort(data).astype(np.int64)
-  lcp = pydivsufsort.kasai(data, sa).astype(np.int64)  # lcp[i]: sa[i], sa[i+1]
-  # Distance from each position to the next separator clips matches.
-  seps = np.nonzero(data == SEP)[0]
-  to_sep = seps[np.searchsorted(seps, np.arange(len(data)))] - np.arange(len(data))
-  a, b = sa[:-1], sa[1:]
-  length = np.minimum(lcp[:-1], np.minimum(to_sep[a], to_sep[b]))
+  sa = pydivsufsort.divsufsort(data)  # int32 below 2 GiB: 4 bytes per byte.
+  lcp = pydivsufsort.kasai(data, sa)  # lcp[i]: common prefix of sa[i], sa[i+1].
+  # A match is clipped at the next separator, so it never crosses documents;
+  # computed in chunks so no int64 array spans the corpus.
+  seps = np.nonzero(data == SEP)[0].astype(sa.dtype)
+  length = np.empty(len(sa) - 1, sa.dtype)
+  for lo in range(0, len(length), _CHUNK):
+    hi = min(lo + _CHUNK, len(length))
+    pos = sa[lo:hi + 1]
+    to_sep = (seps[np.searchsorted(seps, pos)] - pos).astype(sa.dtype)
+    out = length[lo:hi]
+    np.minimum(lcp[lo:hi], to_sep[:-1], out=out)
+    np.minimum(out, to_sep[1:], out=out)
+  del lcp, seps
   hit = length >= min_bytes
-  # Runs of SA neighbours that pairwise share >= min_bytes all share the run's
-  # minimum length; the earliest occurrence stays, the others go.
   member = np.zeros(len(sa), bool)
   member[:-1] |= hit
   member[1:] |= hit
@@ -50,12 +59,13 @@ def duplicate_spans(texts: Sequence[str], min_bytes: int = 100
     return [[] for _ in texts]
   run_start = np.concatenate([[True], ~hit[idx[1:] - 1]])
   starts_at = np.nonzero(run_start)[0]
-  pos = sa[idx]
+  pos = sa[idx].astype(np.int64)
   run_min = np.minimum.reduceat(pos, starts_at)
-  pair_len = np.where(hit, length, np.iinfo(np.int64).max)
-  # Pair i links idx positions i, i+1; a run of k members has k-1 pairs.
-  run_len = np.minimum.reduceat(
-      np.concatenate([pair_len[idx[:-1]], [np.iinfo(np.int64).max]]), starts_at)
+  # Pair i links idx positions i, i+1; a run of k members has k-1 pairs
+  # (the pair after a run's last member is not a hit: it never counts).
+  big = np.iinfo(np.int64).max
+  pair_len = np.where(hit[idx[:-1]], length[idx[:-1]].astype(np.int64), big)
+  run_len = np.minimum.reduceat(np.concatenate([pair_len, [big]]), starts_at)
   run_id = np.cumsum(run_start) - 1
   later = pos[pos != run_min[run_id]]
   length = run_len[run_id][pos != run_min[run_id]]

@@ -49,6 +49,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Corpus-level stages run per language, after all shards are done.
   c.url_dedup = ml_collections.ConfigDict()
   c.url_dedup.enabled = True
+  c.url_dedup.buckets = 1  # Spill files of URL keys; raise beyond RAM.
 
   c.minhash = ml_collections.ConfigDict()
   c.minhash.enabled = True
@@ -59,6 +60,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.exact.enabled = True
   c.exact.min_bytes = 100  # ~50 tokens.
   c.exact.min_words_after = 50  # Gopher's minimum; shorter docs are dropped.
+  # Suffix array per group of this many characters (~17 bytes of memory each);
+  # repeats across groups are left (after MinHash has removed near-copies).
+  c.exact.group_bytes = 1 << 28
 
   c.export = ml_collections.ConfigDict()
   c.export.format = "jsonl"  # or 'parquet'

@@ -1,18 +1,21 @@
 """Apache Beam runner: the same steps as the local runner, as a Beam graph.
 
-  Create(shards) -> ParDo(per-document chain per shard) --docs--> key by
-  language -> GroupByKey -> ParDo(corpus stages + export per language)
-                                  \\--funnels (side output)--> finish (report)
+  Create(shards) -> ParDo(per-document chain per shard) --(language, shard)-->
+  GroupByKey -> ParDo(corpus stages + export per language)
+                 \\--funnels (side output)--> finish (report)
 
 Each ParDo calls the functions of data_pipeline.corpus that the local runner
-calls; GroupByKey gives values in no particular order, so each language's
-documents are sorted back into (shard, position) order first, which makes the
-output byte-identical to the local runner's. ``cfg.beam_options`` goes to
-PipelineOptions; without a ``--runner`` there, FnApiRunner runs it in process
-(the engine DirectRunner falls back to; DirectRunner itself first tries Prism,
-whose binary it would download at run time). Inputs and the workdir may be
-local paths or ``gs://``/``s3://``/``hdfs://`` URLs: file access goes through
-``runners.fs`` (Beam's FileSystems), which stages remote files locally.
+calls. Documents do not travel through the shuffle: the chain writes each
+shard's survivors per language under ``WORKDIR/_work/beam_shards/`` and emits
+only (language, shard index); the language step streams those files in shard
+order, which keeps its memory bounded and makes the output byte-identical to
+the local runner's. On a cluster the workdir must therefore be storage every
+worker reaches (``gs://`` etc.). ``cfg.beam_options`` goes to PipelineOptions;
+without a ``--runner`` there, FnApiRunner runs it in process (the engine
+DirectRunner falls back to; DirectRunner itself first tries Prism, whose binary
+it would download at run time). Inputs and the workdir may be local paths or
+``gs://``/``s3://``/``hdfs://`` URLs: file access goes through ``runners.fs``
+(Beam's FileSystems), which stages remote files locally.
 """
 
 import json
@@ -26,20 +29,24 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from data_pipeline import config, corpus
 from data_pipeline.config import CleanConfig
-from data_pipeline.document import Document, Funnel
+from data_pipeline.document import Funnel
 from data_pipeline.pipeline import build_stages
 from data_pipeline.runners import fs
 
 LOCAL_RUNNER = "FnApiRunner"
+SHARD_DIR = (corpus.WORK_DIR, "beam_shards")
+
+
+def _shard_dir(workdir: str) -> str:
+  return FileSystems.join(workdir, *SHARD_DIR)
 
 
 class ChainShard(beam.DoFn):
-  """One input file through the per-document chain: emits
-  (language, (shard, position, doc json)) and, tagged 'funnel', the shard's
-  (shard, funnel json)."""
+  """One input file through the per-document chain, its survivors written per
+  language; emits (language, shard) and, tagged 'funnel', (shard, funnel)."""
 
-  def __init__(self, cfg: CleanConfig):
-    self.cfg = cfg
+  def __init__(self, cfg: CleanConfig, workdir: str):
+    self.cfg, self.workdir = cfg, workdir
     self.stages = None
 
   def setup(self):
@@ -47,14 +54,14 @@ class ChainShard(beam.DoFn):
 
   def process(self, shard: tuple[int, str]) -> Iterator:
     index, path = shard
-    with fs.open_local(path) as local:
-      docs, funnel = corpus.run_shard(local, self.stages,
-                                      self.cfg.samples_per_reason)
+    with fs.open_local(path) as local, \
+        fs.staged_dir(_shard_dir(self.workdir)) as out:
+      funnel, languages = corpus.clean_shard(local, self.stages, out, index,
+                                             self.cfg.samples_per_reason)
     yield beam.pvalue.TaggedOutput(
         "funnel", (index, corpus.funnel_to_text(funnel)))
-    for pos, doc in enumerate(docs):
-      yield corpus.language(doc), (index, pos, json.dumps(
-          doc.to_json(), ensure_ascii=False, sort_keys=True))
+    for lang in languages:
+      yield lang, index
 
 
 class CleanLanguage(beam.DoFn):
@@ -64,10 +71,12 @@ class CleanLanguage(beam.DoFn):
     self.cfg, self.workdir = cfg, workdir
 
   def process(self, group) -> Iterator[tuple[str, str]]:
-    lang, rows = group
-    docs = [Document.from_json(json.loads(row)) for _, _, row in sorted(rows)]
-    with fs.staged(self.workdir) as workdir:
-      funnel = corpus.clean_language(lang, docs, self.cfg, workdir)
+    lang, indices = group
+    names = [os.path.basename(corpus.shard_file("", i, lang))
+             for i in sorted(indices)]
+    with fs.fetched(_shard_dir(self.workdir), names) as paths, \
+        fs.staged(self.workdir) as workdir:
+      funnel = corpus.clean_language(lang, paths, self.cfg, workdir)
     yield lang, corpus.funnel_to_text(funnel)
 
 
@@ -86,9 +95,9 @@ def build(p: beam.Pipeline, cfg: CleanConfig, paths: list[str],
   """Adds the cleaning graph to pipeline ``p``."""
   shards = (p | "Shards" >> beam.Create(list(enumerate(paths)))
             | "Spread" >> beam.Reshuffle())
-  chained = shards | "Chain" >> beam.ParDo(ChainShard(cfg)).with_outputs(
-      "funnel", main="docs")
-  languages = (chained.docs | "ByLanguage" >> beam.GroupByKey()
+  chained = shards | "Chain" >> beam.ParDo(
+      ChainShard(cfg, workdir)).with_outputs("funnel", main="shards")
+  languages = (chained.shards | "ByLanguage" >> beam.GroupByKey()
                | "CorpusStages" >> beam.ParDo(CleanLanguage(cfg, workdir)))
   _ = (p | "Once" >> beam.Create([None])
        | "Report" >> beam.Map(_finish,
@@ -111,11 +120,11 @@ def input_paths(cfg: CleanConfig) -> list[str]:
 def run(cfg: CleanConfig, workdir: str):
   paths = input_paths(cfg)
   if fs.is_remote(workdir):
-    for name in (corpus.CORPUS_DIR, corpus.MIXED_DIR):
+    for name in (corpus.CORPUS_DIR, corpus.MIXED_DIR, SHARD_DIR[0]):
       fs.delete_under(FileSystems.join(workdir, name))
   else:
     workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
+    os.makedirs(_shard_dir(workdir), exist_ok=True)
     corpus.reset_outputs(workdir)
   argv = shlex.split(cfg.beam_options)
   if not any(a.startswith("--runner") for a in argv):
@@ -123,6 +132,7 @@ def run(cfg: CleanConfig, workdir: str):
   options = PipelineOptions(argv)
   with beam.Pipeline(options=options) as p:
     build(p, cfg, paths, workdir)
+  fs.delete_under(_shard_dir(workdir))  # Intermediate; the output is done.
   with fs.open_local(FileSystems.join(workdir, "stats.json")) as path, \
       open(path, encoding="utf-8") as f:
     return Funnel.from_json(json.load(f))

@@ -46,17 +46,22 @@ def open_local(path: str) -> Iterator[str]:
   tmp = tempfile.mkdtemp(prefix="dp-in-")
   try:
     local = os.path.join(tmp, os.path.basename(path.rstrip("/")))
-    with FileSystems.open(path, compression_type=RAW) as src, \
-        open(local, "wb") as dst:
-      shutil.copyfileobj(src, dst, 1 << 20)
+    _download(path, local)
     yield local
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_bytes(path: str, data: bytes) -> None:
-  with FileSystems.create(path, compression_type=RAW) as f:
-    f.write(data)
+def _download(url: str, local: str) -> None:
+  with FileSystems.open(url, compression_type=RAW) as src, \
+      open(local, "wb") as dst:
+    shutil.copyfileobj(src, dst, 1 << 20)
+
+
+def upload(local: str, url: str) -> None:
+  with open(local, "rb") as src, \
+      FileSystems.create(url, compression_type=RAW) as dst:
+    shutil.copyfileobj(src, dst, 1 << 20)
 
 
 def delete_under(url: str) -> None:
@@ -64,6 +69,41 @@ def delete_under(url: str) -> None:
   paths = match(FileSystems.join(url, "**"))
   if paths:
     FileSystems.delete(paths)
+
+
+@contextlib.contextmanager
+def staged_dir(url: str) -> Iterator[str]:
+  """A local folder whose files end up in ``url``: the folder itself when
+  local; else a temp dir uploaded file by file on success."""
+  if not is_remote(url):
+    os.makedirs(url, exist_ok=True)
+    yield url
+    return
+  tmp = tempfile.mkdtemp(prefix="dp-out-")
+  try:
+    yield tmp
+    for name in sorted(os.listdir(tmp)):
+      upload(os.path.join(tmp, name), FileSystems.join(url, name))
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def fetched(url: str, names: Sequence[str]) -> Iterator[list[str]]:
+  """Local paths of the files ``names`` in folder ``url``: in place when
+  local; else downloaded into a temp dir (local disk, not memory)."""
+  if not is_remote(url):
+    yield [os.path.join(url, name) for name in names]
+    return
+  tmp = tempfile.mkdtemp(prefix="dp-fetch-")
+  try:
+    paths = []
+    for name in names:
+      paths.append(os.path.join(tmp, name))
+      _download(FileSystems.join(url, name), paths[-1])
+    yield paths
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -92,7 +132,7 @@ def staged(workdir: str, fetch: Sequence[str] = ()) -> Iterator[str]:
         rel = os.path.relpath(os.path.join(root, name), tmp)
         if rel in fetched:
           continue
-        with open(os.path.join(tmp, rel), "rb") as f:
-          write_bytes(FileSystems.join(workdir, *rel.split(os.sep)), f.read())
+        upload(os.path.join(tmp, rel),
+                FileSystems.join(workdir, *rel.split(os.sep)))
   finally:
     shutil.rmtree(tmp, ignore_errors=True)

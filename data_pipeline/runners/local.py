@@ -1,7 +1,8 @@
 """Local runner: input files as shards over worker processes, resumable.
 
-Each shard's survivors and funnel are written to ``OUT/_work/shards/`` (file
-then rename) and only then its ``.done`` marker, so a run killed at any point
+Each shard's survivors (one file per language) and funnel are written to
+``OUT/_work/shards/`` (file then rename) and only then its ``.done`` marker
+(which lists the languages written), so a run killed at any point
 (SIGKILL included) and started again skips finished shards and redoes the
 rest. Shards are independent and everything after them reads them in index
 order, so the output is byte-identical whether or not the run was interrupted
@@ -22,7 +23,7 @@ from tqdm import tqdm
 
 from data_pipeline import corpus
 from data_pipeline.config import CleanConfig
-from data_pipeline.document import Document, Funnel, Stage
+from data_pipeline.document import Funnel, Stage
 from data_pipeline.pipeline import build_stages
 
 # Fields that change how a run is scheduled, not what it outputs.
@@ -48,13 +49,11 @@ def _shard_base(shard_dir: str, index: int) -> str:
 def process_shard(task: tuple[int, str, str, int]) -> int:
   """Runs one shard and commits it; returns its index."""
   index, path, shard_dir, samples = task
-  docs, funnel = corpus.run_shard(path, _STAGES, samples)
+  funnel, languages = corpus.clean_shard(path, _STAGES, shard_dir, index,
+                                         samples)
   base = _shard_base(shard_dir, index)
-  _write(base + ".jsonl", "".join(
-      json.dumps(d.to_json(), ensure_ascii=False, sort_keys=True) + "\n"
-      for d in docs))
   _write(base + ".funnel.json", corpus.funnel_to_text(funnel))
-  _write(base + ".done", path + "\n")
+  _write(base + ".done", json.dumps({"input": path, "languages": languages}))
   return index
 
 
@@ -97,24 +96,23 @@ def run_shards(cfg: CleanConfig, paths: list[str], shard_dir: str) -> None:
 
 
 def read_shards(shard_dir: str, n: int
-                ) -> tuple[list[Funnel], dict[str, list[Document]]]:
-  """Shard funnels in index order and documents grouped by language, each
-  group in (shard, position) order."""
+                ) -> tuple[list[Funnel], dict[str, list[str]]]:
+  """Shard funnels in index order and, per language, its shard files in
+  index order."""
   funnels, by_lang = [], collections.defaultdict(list)
   for i in range(n):
     base = _shard_base(shard_dir, i)
     with open(base + ".funnel.json", encoding="utf-8") as f:
       funnels.append(corpus.funnel_from_text(f.read()))
-    with open(base + ".jsonl", encoding="utf-8") as f:
-      for line in f:
-        doc = Document.from_json(json.loads(line))
-        by_lang[corpus.language(doc)].append(doc)
+    with open(base + ".done", encoding="utf-8") as f:
+      for lang in json.load(f)["languages"]:
+        by_lang[lang].append(corpus.shard_file(shard_dir, i, lang))
   return funnels, dict(by_lang)
 
 
 def run(cfg: CleanConfig, workdir: str) -> Funnel:
   paths = cfg.input_files()
-  shard_dir = os.path.join(workdir, "_work", "shards")
+  shard_dir = os.path.join(workdir, corpus.WORK_DIR, "shards")
   os.makedirs(workdir, exist_ok=True)
   _prepare(shard_dir, fingerprint(cfg, paths))
   run_shards(cfg, paths, shard_dir)

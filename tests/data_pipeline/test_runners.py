@@ -284,8 +284,9 @@ def test_fs_helpers_on_local_paths(warc_glob, mem_fs, tmp_path):
   first = fs.match(warc_glob)[0]
   with fs.open_local(first) as local:
     assert local == first  # Local paths are read in place, not copied.
-  out = str(tmp_path / "a" / "b.bin")
-  fs.write_bytes(out, b"\x1f\x8b raw")  # Not gzipped despite Beam's AUTO.
+  src, out = tmp_path / "raw.gz", str(tmp_path / "a" / "b.bin")
+  src.write_bytes(b"\x1f\x8b raw")
+  fs.upload(str(src), out)  # Copied as stored despite Beam's AUTO.
   assert open(out, "rb").read() == b"\x1f\x8b raw"
   assert not fs.is_remote(out) and not fs.is_remote("file:///x")
   assert fs.is_remote("gs://b/x") and fs.is_remote("mem://x")

@@ -175,6 +175,18 @@ def test_beam_runner_matches_local_runner(warc_glob, clean_run, tmp_path):
   _assert_same_outputs(clean_run[0], workdir)
 
 
+def test_beam_runner_in_worker_processes_matches_local_runner(
+    warc_glob, clean_run, tmp_path):
+  """Two SDK worker processes, as on a cluster: DoFns are pickled, and the
+  steps meet only through the workdir's files."""
+  workdir = str(tmp_path / "beam_mp")
+  options = ("--runner=FnApiRunner --direct_num_workers=2 "
+             "--direct_running_mode=multi_processing")
+  runners.run(_config(warc_glob, runner="beam", beam_options=options), workdir)
+  _assert_same_outputs(clean_run[0], workdir)
+  assert not os.listdir(os.path.join(workdir, "_work", "beam_shards"))
+
+
 @pytest.mark.parametrize("override, field", [
     ("--config.langid.threshold=1.5", "langid.threshold"),
     ("--config.qualty.enabled=False", "qualty"),

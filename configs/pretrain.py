@@ -72,7 +72,7 @@ def get_config(name: str = "tiny") -> ml_collections.ConfigDict:
   config.init_checkpoint = ""  # a native checkpoint to start from
   config.data = ml_collections.ConfigDict(dict(
       sources=(), tokenizer="", seq_len=seq_len, seed=0, weight_by="tokens",
-      repeat=True, eval_sources=()))
+      repeat=True, prefetch=2, eval_sources=()))
   config.optimizer = _dataclass_config(OptimizerConfig(
       learning_rate=lr, warmup_steps=30 if tiny else 2000,
       weight_decay=0.01 if tiny else 0.1))

@@ -58,7 +58,8 @@ def resolve_data(config, workdir: str) -> DataConfig:
     prepared = prepare_shakespeare(workdir, vocab_size=config.model.vocab_size,
                                    seq_len=config.data.seq_len,
                                    seed=config.data.seed)
-    return dataclasses.replace(prepared, repeat=config.data.repeat)
+    return dataclasses.replace(prepared, repeat=config.data.repeat,
+                               prefetch=config.data.prefetch)
   return from_config(DataConfig, config.data, "data")
 
 

@@ -210,6 +210,25 @@ def test_resume_from_state_is_exact(corpus):
     other.set_state(state)
 
 
+def test_prefetch_changes_nothing_but_when_batches_are_packed(corpus):
+  """The thread packs ahead, yet batches and checkpointed states are those
+  of the unprefetched iterator at every step."""
+  plain = pipeline.make_pretrain_iterator(make_cfg(corpus, prefetch=0), 8, 0, 1)
+  ahead = pipeline.make_pretrain_iterator(make_cfg(corpus, prefetch=3), 8, 0, 1)
+  assert isinstance(plain, pipeline.PackedBatchIterator)
+  assert not isinstance(ahead, pipeline.PackedBatchIterator)
+  for _ in range(12):
+    assert_same([next(ahead)], [next(plain)])
+    assert ahead.get_state() == plain.get_state()
+  state = ahead.get_state()
+  expected = take(plain, 5)
+  resumed = pipeline.make_pretrain_iterator(make_cfg(corpus, prefetch=3), 8, 0, 1)
+  resumed.set_state(state)
+  assert_same(take(resumed, 5), expected)
+  with pytest.raises(ConfigError, match="data.prefetch"):
+    make_cfg(corpus, prefetch=-1)
+
+
 def test_resume_across_passes_with_repeat(corpus):
   small = (("botchan", str(corpus[0] / "botchan"), 1.0, 0.02),)
   cfg = make_cfg(corpus, sources=small, repeat=True)

@@ -36,6 +36,9 @@ class DataConfig:
   seed: int = 0
   weight_by: str = "tokens"
   repeat: bool = False
+  # Batches packed ahead on a background thread (Grain's thread prefetch)
+  # while the accelerator runs the step; 0 packs on the calling thread.
+  prefetch: int = 2
   # Held-out data for perplexity: (name, shard glob) pairs, read in order.
   eval_sources: tuple = ()
 
@@ -76,6 +79,7 @@ class DataConfig:
           "is empty; give a .model or tokenizer.json path")
     check(self.seq_len > 0, f"{prefix}.seq_len", "must be positive")
     check(0 <= self.seed < 2**32, f"{prefix}.seed", "must be in [0, 2**32)")
+    check(self.prefetch >= 0, f"{prefix}.prefetch", "must be >= 0")
     check_choice(self.weight_by, WEIGHT_BY, f"{prefix}.weight_by")
 
 

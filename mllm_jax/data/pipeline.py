@@ -279,18 +279,25 @@ def _identity(cfg: DataConfig, names: Sequence[str]) -> dict[str, Any]:
 def make_pretrain_iterator(data_cfg: DataConfig, global_batch_size: int,
                            process_index: int | None = None,
                            process_count: int | None = None
-                           ) -> PackedBatchIterator:
+                           ) -> grain.DatasetIterator:
   """This host's slice of each packed global batch of the training mixture.
 
-  process_index/count default to jax.process_index()/process_count().
+  process_index/count default to jax.process_index()/process_count(). With
+  ``data_cfg.prefetch`` > 0, Grain's ThreadPrefetchDatasetIterator packs that
+  many batches ahead; its get_state() is the state after the last batch
+  handed out, so checkpoints and resume are the same as without it.
   """
   process_index, process_count = _process(process_index, process_count)
   sources = open_sources(data_cfg)
   names = [(s.name, s.weight, s.epochs) for s in data_cfg.source_list]
-  return PackedBatchIterator(
+  packed = PackedBatchIterator(
       functools.partial(mixture, data_cfg, sources), sources,
       data_cfg.seq_len, global_batch_size, process_index, process_count,
       data_cfg.repeat, _identity(data_cfg, names))
+  if data_cfg.prefetch == 0:
+    return packed
+  return grain.experimental.ThreadPrefetchDatasetIterator(
+      packed, data_cfg.prefetch)
 
 
 def make_eval_batches(data_cfg: DataConfig, global_batch_size: int,

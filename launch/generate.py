@@ -3,6 +3,7 @@ r"""Samples text from a native checkpoint.
   python -m launch.generate --checkpoint=DIR --tokenizer=PATH \
       --prompt="Once upon a time" [--max_new_tokens=64] [--temperature=0.8]
   python -m launch.generate --checkpoint=DIR --tokenizer=PATH --chat
+  ... [--mesh=fsdp=4,tensor=2]   # shard the model over 8 devices
 
 `--tokenizer=bytes` uses byte-level ids (for byte-level test models). In
 --chat mode each stdin line is a user turn appended to the conversation; the
@@ -20,7 +21,8 @@ from mllm_jax.configlib import ConfigError
 from mllm_jax.convert import native
 from mllm_jax.generate.sampler import Sampler, check_sampling_flags
 from mllm_jax.data.tokenizer import load_tokenizer
-from mllm_jax.runtime import quiet_library_logs, require_flags
+from mllm_jax.runtime import (define_mesh_flag, mesh_from_flag,
+                              quiet_library_logs, require_flags)
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None,
                                   "Native checkpoint directory.")
@@ -38,6 +40,7 @@ _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _STOP = flags.DEFINE_multi_string("stop", [], "Stop string(s).")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
                            "Override the compute dtype.")
+_MESH = define_mesh_flag()
 USER, ASSISTANT = "User: ", "Assistant:"
 
 
@@ -89,13 +92,15 @@ def main(argv: list[str]) -> None:
                                     _TOP_P.value)
     tokenizer = load_tokenizer(_TOKENIZER.value or _CHECKPOINT.value)
     overrides = {"dtype": _DTYPE.value} if _DTYPE.value else {}
-    cfg, model = native.load_model(_CHECKPOINT.value, **overrides)
+    mesh = mesh_from_flag(_MESH)
+    cfg, model = native.load_model(_CHECKPOINT.value, mesh=mesh, **overrides)
   except (ConfigError, FileNotFoundError, ImportError) as e:
     sys.exit(f"generate: error: {e}")
   if tokenizer.vocab_size > cfg.vocab_size:
     sys.exit(f"generate: error: the tokenizer has {tokenizer.vocab_size} "
              f"ids but the model's vocabulary is {cfg.vocab_size}")
-  sampler = Sampler(model, tokenizer=tokenizer, pad_id=tokenizer.pad_id)
+  sampler = Sampler(model, tokenizer=tokenizer, pad_id=tokenizer.pad_id,
+                    mesh=mesh)
   if _CHAT.value:
     chat(sampler, tokenizer, sampling)
     return

@@ -23,6 +23,25 @@ def require_flags(*holders: flags.FlagHolder) -> None:
       raise app.UsageError(f"--{holder.name} is required")
 
 
+def define_mesh_flag() -> flags.FlagHolder:
+  """The --mesh flag of the inference binaries (see mesh_from_flag)."""
+  return flags.DEFINE_string(
+      "mesh", "", "Device mesh as axis=size pairs, e.g. 'data=2,fsdp=2,"
+      "tensor=2' (axes data, stage, fsdp, sequence, tensor; unnamed axes are "
+      "1; one may be -1 for the remaining devices). Parameters are sharded "
+      "by the default rules and batches split over data x fsdp. Empty: one "
+      "device.")
+
+
+def mesh_from_flag(holder: flags.FlagHolder):
+  """The Mesh the --mesh flag names, or None when it is empty."""
+  if not holder.value:
+    return None
+  from mllm_jax.parallel import mesh  # pylint: disable=g-import-not-at-top
+  cfg = mesh.parse_mesh(holder.value)
+  return mesh.make_mesh(cfg)
+
+
 def keep_freed_memory() -> None:
   """Stops glibc returning freed memory to the OS between steps (Linux).
 

@@ -60,3 +60,33 @@ def test_evaluate_writes_json_and_markdown(checkpoint, tmp_path):
             "--tokenizer=bytes", "--tasks=nope", f"--output={output}")
   assert bad.returncode != 0 and "unknown task" in bad.stderr
   assert "Traceback" not in bad.stderr
+
+
+def test_mesh_flag_shards_the_model_and_changes_no_result(checkpoint, tmp_path):
+  """--mesh over the 8 simulated CPU devices: same scores, same greedy text;
+  a malformed mesh is a one-line error naming the flag."""
+  tasks = ["--tasks=arc_easy,hellaswag", "--num_fewshot=0", "--limit=4"]
+  results = []
+  for mesh in ("", "data=2,fsdp=4"):
+    output = tmp_path / f"res{len(results)}.json"
+    out = run("launch.evaluate", f"--checkpoint={checkpoint}",
+              "--tokenizer=bytes", *tasks, f"--output={output}",
+              f"--mesh={mesh}")
+    assert out.returncode == 0, out.stderr
+    results.append(json.loads(output.read_text())["results"])
+  for task, metrics in results[0].items():
+    for name, value in metrics.items():
+      assert results[1][task][name] == pytest.approx(value, abs=1e-6), name
+  texts = [run("launch.generate", f"--checkpoint={checkpoint}",
+               "--tokenizer=bytes", "--prompt=Hello", "--prompt=Hi there",
+               "--max_new_tokens=8", f"--mesh={mesh}")
+           for mesh in ("", "fsdp=8")]
+  assert texts[0].returncode == 0 and texts[1].returncode == 0, texts[1].stderr
+  assert texts[0].stdout == texts[1].stdout
+  # tensor=2 cannot split the byte vocabulary (259 rows): named, not crashed.
+  for bad in ("fsdp=3", "pipeline=2", "data=x", "tensor=2"):
+    out = run("launch.evaluate", f"--checkpoint={checkpoint}",
+              "--tokenizer=bytes", "--tasks=arc_easy", "--limit=1",
+              f"--output={tmp_path / 'bad.json'}", f"--mesh={bad}")
+    assert out.returncode != 0 and "mesh" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr

@@ -76,6 +76,23 @@ class ParallelConfig:
     return sizes["data"] * sizes["fsdp"]
 
 
+def parse_mesh(text: str) -> ParallelConfig:
+  """'data=2,fsdp=2,tensor=2' -> ParallelConfig (unnamed axes are 1); the
+  command-line form of a mesh, for binaries without an ml_collections config."""
+  sizes = {name: 1 for name in MESH_AXES}
+  for item in filter(None, (part.strip() for part in text.split(","))):
+    name, sep, value = item.partition("=")
+    check(bool(sep) and name.strip() in MESH_AXES, "mesh",
+          f"{item!r} is not axis=size with an axis in {MESH_AXES}")
+    try:
+      sizes[name.strip()] = int(value)
+    except ValueError:
+      check(False, "mesh", f"{item!r}: size {value!r} is not an integer")
+  cfg = ParallelConfig(**sizes)
+  cfg.validate("mesh")
+  return cfg
+
+
 def make_mesh(cfg: ParallelConfig,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A mesh with axes MESH_AXES over `devices` (default: all of them).

@@ -20,6 +20,7 @@ from mllm_jax.configlib import ConfigError
 from mllm_jax.convert import native
 from mllm_jax.eval import runner
 from mllm_jax.data.tokenizer import load_tokenizer
+from mllm_jax import runtime
 from mllm_jax.runtime import (define_mesh_flag, mesh_from_flag,
                               quiet_library_logs, require_flags)
 
@@ -40,6 +41,7 @@ _CODE_SAMPLES = flags.DEFINE_integer(
     "code_samples", 1, "Programs per HumanEval/MBPP problem: 1 = greedy "
     "pass@1; n > 1 = sampled (T=0.8, top-p 0.95), pass@k for k <= n.")
 _MESH = define_mesh_flag()
+flags.adopt_module_key_flags(runtime)
 
 
 def main(argv: list[str]) -> None:

@@ -21,6 +21,7 @@ from mllm_jax.configlib import ConfigError
 from mllm_jax.convert import native
 from mllm_jax.generate.sampler import Sampler, check_sampling_flags
 from mllm_jax.data.tokenizer import load_tokenizer
+from mllm_jax import runtime
 from mllm_jax.runtime import (define_mesh_flag, mesh_from_flag,
                               quiet_library_logs, require_flags)
 
@@ -41,6 +42,7 @@ _STOP = flags.DEFINE_multi_string("stop", [], "Stop string(s).")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
                            "Override the compute dtype.")
 _MESH = define_mesh_flag()
+flags.adopt_module_key_flags(runtime)
 USER, ASSISTANT = "User: ", "Assistant:"
 
 

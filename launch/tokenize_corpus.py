@@ -20,7 +20,8 @@ from absl import app, flags, logging
 
 from mllm_jax.data import readers, shards
 from mllm_jax.data.tokenizer import load_tokenizer
-from mllm_jax.runtime import require_flags
+from mllm_jax import runtime
+from mllm_jax.runtime import define_text_flags, require_flags
 
 _INPUT = flags.DEFINE_string(
     "input", None, "Comma-separated globs: .txt (see --text_split), .jsonl "
@@ -30,14 +31,8 @@ _TOKENIZER = flags.DEFINE_string(
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Shard directory.")
 _NAME = flags.DEFINE_string(
     "name", "train", "Shard name prefix (e.g. train, eval, commoncrawl).")
-_TEXT_FIELD = flags.DEFINE_string(
-    "text_field", "text", "JSONL key / Parquet column holding the text.")
-_TEXT_SPLIT = flags.DEFINE_enum(
-    "text_split", "file", list(readers.TEXT_SPLITS),
-    "How .txt files divide into documents: whole file, ~4k-character runs of "
-    "paragraphs (--chunk_chars), paragraphs, or lines.")
-_CHUNK_CHARS = flags.DEFINE_integer(
-    "chunk_chars", 4000, "--text_split=chunk: characters per document.")
+_TEXT_FIELD, _TEXT_SPLIT, _CHUNK_CHARS = define_text_flags()
+flags.adopt_module_key_flags(runtime)
 _ADD_BOS = flags.DEFINE_bool(
     "add_bos", False, "Start every document with BOS (EOS always ends it).")
 _SHARD_TOKENS = flags.DEFINE_integer(

@@ -22,7 +22,8 @@ from absl import app, flags, logging
 
 from mllm_jax.configlib import ConfigError
 from mllm_jax.data import readers, tokenizer, vocab
-from mllm_jax.runtime import require_flags
+from mllm_jax import runtime
+from mllm_jax.runtime import define_text_flags, require_flags
 
 _INPUT = flags.DEFINE_string(
     "input", None, "Comma-separated globs of training text: .txt (see "
@@ -34,12 +35,8 @@ _OUTPUT = flags.DEFINE_string(
 _VOCAB_SIZE = flags.DEFINE_integer(
     "vocab_size", 32000, "New tokenizer: total vocabulary size, including "
     "the 4 control tokens, the special tokens and 256 byte pieces.")
-_TEXT_FIELD = flags.DEFINE_string(
-    "text_field", "text", "JSONL key / Parquet column holding the text.")
-_TEXT_SPLIT = flags.DEFINE_enum(
-    "text_split", "file", list(readers.TEXT_SPLITS),
-    "How .txt files divide into documents: whole file, ~4k-character runs of "
-    "paragraphs, paragraphs, or lines.")
+_TEXT_FIELD, _TEXT_SPLIT, _CHUNK_CHARS = define_text_flags()
+flags.adopt_module_key_flags(runtime)
 _MAX_SENTENCES = flags.DEFINE_integer(
     "max_sentences", 0, "New tokenizer: train on a random sample of this "
     "many lines (0: every line). Large corpora need a cap (memory).")
@@ -68,7 +65,7 @@ _OVERWRITE = flags.DEFINE_bool(
 
 def _texts(patterns: str, drops: readers.DropCounter) -> list[str]:
   docs = readers.read_documents(readers.expand(patterns), _TEXT_FIELD.value,
-                                _TEXT_SPLIT.value)
+                                _TEXT_SPLIT.value, _CHUNK_CHARS.value)
   return list(drops.texts(docs))
 
 
@@ -78,7 +75,8 @@ def run() -> None:
     path = tokenizer.train_sentencepiece(
         readers.expand(_INPUT.value), _OUTPUT.value, _VOCAB_SIZE.value,
         text_field=_TEXT_FIELD.value, text_split=_TEXT_SPLIT.value,
-        max_sentences=_MAX_SENTENCES.value, num_threads=_THREADS.value,
+        chunk_chars=_CHUNK_CHARS.value, max_sentences=_MAX_SENTENCES.value,
+        num_threads=_THREADS.value,
         drops=drops)
     logging.info("wrote %s (%d pieces)", path,
                  tokenizer.load_tokenizer(path).vocab_size)
@@ -108,6 +106,8 @@ def main(argv: list[str]) -> None:
                          "--resized_checkpoint")
   if _MULTIPLE.value < 1:
     raise app.UsageError("--pad_vocab_multiple must be positive")
+  if _CHUNK_CHARS.value < 1:
+    raise app.UsageError("--chunk_chars must be positive")
   try:
     run()
   except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:

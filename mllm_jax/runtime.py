@@ -23,8 +23,28 @@ def require_flags(*holders: flags.FlagHolder) -> None:
       raise app.UsageError(f"--{holder.name} is required")
 
 
+def define_text_flags() -> tuple[flags.FlagHolder, ...]:
+  """--text_field, --text_split and --chunk_chars: how the text binaries
+  (train_tokenizer, tokenize_corpus) read documents (readers.read_documents).
+
+  Binaries then call ``flags.adopt_module_key_flags(runtime)`` so that
+  ``--help`` lists flags defined here (absl lists the main module's only)."""
+  from mllm_jax.data import readers  # pylint: disable=g-import-not-at-top
+  return (
+      flags.DEFINE_string("text_field", "text",
+                          "JSONL key / Parquet column holding the text."),
+      flags.DEFINE_enum(
+          "text_split", "file", list(readers.TEXT_SPLITS),
+          "How .txt files divide into documents: whole file, runs of "
+          "paragraphs of about --chunk_chars characters, paragraphs, or "
+          "lines."),
+      flags.DEFINE_integer("chunk_chars", 4000,
+                           "--text_split=chunk: characters per document."))
+
+
 def define_mesh_flag() -> flags.FlagHolder:
-  """The --mesh flag of the inference binaries (see mesh_from_flag)."""
+  """The --mesh flag of the inference binaries (see mesh_from_flag); adopt
+  it as in define_text_flags."""
   return flags.DEFINE_string(
       "mesh", "", "Device mesh as axis=size pairs, e.g. 'data=2,fsdp=2,"
       "tensor=2' (axes data, stage, fsdp, sequence, tensor; unnamed axes are "

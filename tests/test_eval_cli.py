@@ -90,3 +90,16 @@ def test_mesh_flag_shards_the_model_and_changes_no_result(checkpoint, tmp_path):
               f"--output={tmp_path / 'bad.json'}", f"--mesh={bad}")
     assert out.returncode != 0 and "mesh" in out.stderr, out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("module, shared", [
+    ("launch.evaluate", ["mesh"]), ("launch.generate", ["mesh"]),
+    ("launch.train_tokenizer", ["text_field", "text_split", "chunk_chars"]),
+    ("launch.tokenize_corpus", ["text_field", "text_split", "chunk_chars"]),
+])
+def test_help_lists_the_shared_flags(module, shared):
+  """Flags defined in mllm_jax.runtime are shown by --help, not only by
+  --helpfull."""
+  out = run(module, "--help")
+  for name in shared:
+    assert f"--{name}:" in out.stdout, (module, name)

@@ -307,7 +307,7 @@ def sentences(texts: Iterable[str]) -> Iterator[str]:
 
 def train_sentencepiece(files: Sequence[str], model_prefix: str,
                         vocab_size: int, *, text_field: str = "text",
-                        text_split: str = "file",
+                        text_split: str = "file", chunk_chars: int = 4000,
                         special_tokens: Sequence[str] = SPECIAL_TOKENS,
                         byte_fallback: bool = True,
                         max_sentences: int = 0, num_threads: int = 2,
@@ -319,7 +319,8 @@ def train_sentencepiece(files: Sequence[str], model_prefix: str,
   Bad records are counted in `drops` (see readers.read_documents).
   """
   drops = drops if drops is not None else readers.DropCounter()
-  docs = drops.texts(readers.read_documents(files, text_field, text_split))
+  docs = drops.texts(readers.read_documents(files, text_field, text_split,
+                                            chunk_chars))
   os.makedirs(os.path.dirname(os.path.abspath(model_prefix)), exist_ok=True)
   spm.SentencePieceTrainer.Train(
       sentence_iterator=sentences(docs),

@@ -61,18 +61,8 @@ _BUFFER_SUFFIXES = ("rotary_emb.inv_freq",)
 
 def read_hf_config(path: str) -> dict[str, Any]:
   """HF_DIR/config.json as a dict; fails naming the missing file."""
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"HuggingFace checkpoint directory {path} does "
-                            f"not exist")
-  config_file = os.path.join(path, CONFIG_FILE)
-  if not os.path.isfile(config_file):
-    raise FileNotFoundError(f"{config_file} is missing: {path} is not a "
-                            f"HuggingFace checkpoint")
-  try:
-    with open(config_file) as f:
-      return json.load(f)
-  except json.JSONDecodeError as e:
-    raise ConfigError(f"{config_file}: not valid JSON ({e})") from e
+  return native.read_checkpoint_json(path, CONFIG_FILE,
+                                     "HuggingFace checkpoint")
 
 
 def _check_supported(hf: Mapping[str, Any], source: str) -> None:

@@ -188,23 +188,31 @@ def _prepare_dir(path: str, overwrite: bool) -> None:
     os.makedirs(path, exist_ok=True)
 
 
+def read_checkpoint_json(path: str, filename: str, kind: str,
+                         hint: str = "") -> dict[str, Any]:
+  """PATH/FILENAME of a checkpoint directory as a dict; a missing directory
+  or file, or bad JSON, fails naming it (``kind``: what PATH should be)."""
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"{kind} directory {path} does not exist")
+  config_file = os.path.join(path, filename)
+  if not os.path.isfile(config_file):
+    raise FileNotFoundError(f"{config_file} is missing: {path} is not a "
+                            f"{kind}{hint}")
+  try:
+    with open(config_file) as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise ConfigError(f"{config_file}: not valid JSON ({e})") from e
+
+
 def read_config(path: str, **overrides: Any) -> ModelConfig:
   """DIR/model_config.json -> ModelConfig, with fields optionally replaced
   (e.g. dtype="float32"); errors name the file and the field."""
   path = os.path.abspath(path)
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"native checkpoint directory {path} does not "
-                            f"exist")
   config_file = os.path.join(path, CONFIG_FILE)
-  if not os.path.isfile(config_file):
-    raise FileNotFoundError(f"{config_file} is missing: {path} is not a native "
-                            f"checkpoint (convert one with "
-                            f"`python -m launch.convert_checkpoint --from=hf`)")
-  try:
-    with open(config_file) as f:
-      values = json.load(f)
-  except json.JSONDecodeError as e:
-    raise ConfigError(f"{config_file}: not valid JSON ({e})") from e
+  values = read_checkpoint_json(
+      path, CONFIG_FILE, "native checkpoint", " (convert one with "
+      "`python -m launch.convert_checkpoint --from=hf`)")
   try:
     return from_config(ModelConfig, {**values, **overrides}, "model")
   except ConfigError as e:

@@ -101,11 +101,16 @@ class MinHashConfig:
   enabled: bool = True
   preset: str = "refinedweb"
   buckets: int = 1  # Spill files per band; raise for corpora beyond RAM.
+  method: str = "minhash"  # or 'simhash' (64-bit, Hamming <= max_distance).
+  simhash_max_distance: int = 3
 
   def validate(self, prefix: str) -> None:
     from data_pipeline.minhash import PRESETS
     check_choice(self.preset, sorted(PRESETS), f"{prefix}.preset")
     check(self.buckets >= 1, f"{prefix}.buckets", "expected >= 1")
+    check_choice(self.method, ("minhash", "simhash"), f"{prefix}.method")
+    check(0 <= self.simhash_max_distance <= 16,
+          f"{prefix}.simhash_max_distance", "expected 0..16 bits")
 
 
 @dataclasses.dataclass(frozen=True)

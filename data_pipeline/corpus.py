@@ -34,7 +34,8 @@ from data_pipeline.config import CleanConfig
 from data_pipeline.document import Document, Funnel, Stage, apply_chain
 from data_pipeline.exact_dedup import duplicate_spans, remove_spans
 from data_pipeline.export import ShardWriter, doc_line, iter_shard, write_mixture
-from data_pipeline.minhash import MinHashParams, minhash_duplicates
+from data_pipeline.minhash import (MinHashParams, minhash_duplicates,
+                                   simhash_duplicates)
 from data_pipeline.report import write_report
 from data_pipeline.url_dedup import LatestPerURL
 from data_pipeline.warc import STAGE as READ_STAGE, read_warc
@@ -126,9 +127,14 @@ def url_keep_mask(paths: Sequence[str], cfg: CleanConfig, work: str
 
 def minhash_keep_mask(texts: Iterator[str], cfg: CleanConfig, work: str
                       ) -> np.ndarray:
+  """Fuzzy dedup keep mask: MinHash + LSH, or SimHash (``minhash.method``)."""
   params = MinHashParams.preset(cfg.minhash.preset, cfg.seed)
-  roots = minhash_duplicates(texts, params, os.path.join(work, "minhash"),
-                             cfg.minhash.buckets)
+  if cfg.minhash.method == "simhash":
+    roots = simhash_duplicates(texts, cfg.minhash.simhash_max_distance,
+                               params.ngram)
+  else:
+    roots = minhash_duplicates(texts, params, os.path.join(work, "minhash"),
+                               cfg.minhash.buckets)
   return roots == np.arange(len(roots))
 
 

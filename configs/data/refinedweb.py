@@ -55,6 +55,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.minhash.enabled = True
   c.minhash.preset = "refinedweb"  # 450 bands x 20 rows, 5-grams; or 'fineweb'.
   c.minhash.buckets = 1  # Spill files per band; raise for corpora beyond RAM.
+  # 'simhash' instead: one 64-bit SimHash per document (same 5-grams), near
+  # duplicates within simhash_max_distance bits; the stage keeps its name.
+  c.minhash.method = "minhash"
+  c.minhash.simhash_max_distance = 3
 
   c.exact = ml_collections.ConfigDict()
   c.exact.enabled = True

@@ -10,6 +10,7 @@ import os
 import tracemalloc
 
 import numpy as np
+import pytest
 
 from configs.data import refinedweb
 from data_pipeline import config as config_lib
@@ -149,3 +150,30 @@ def test_streamed_mixture_equals_the_in_memory_mixture(tmp_path):
   assert back == [d.id for d in expected] and len(back) == 400
   summary = json.load(open(tmp_path / "mixed" / "mixture.json"))
   assert summary["b"]["docs"] == 160 and summary["b"]["epochs"] == 1.6
+
+
+def test_fuzzy_dedup_method_is_selectable(tmp_path):
+  """minhash.method: MinHash+LSH (default) or SimHash; both drop copies of
+  real pages that gained one word, and keep every original."""
+  texts = [open(src, encoding="utf-8").read()
+           for _, src in python_doc_pairs()[:60]]
+  texts = [t for t in texts if len(t.split()) > 300][:30]
+  docs = [Document(f"o{i}", f"https://a/{i}", t, metadata={"language": "en"})
+          for i, t in enumerate(texts)]
+  docs += [Document(f"c{i}", f"https://mirror/{i}", t + " mirrored",
+                    metadata={"language": "en"}) for i, t in enumerate(texts[:8])]
+  folder = tmp_path / "in"
+  folder.mkdir()
+  path = corpus.shard_file(str(folder), 0, "en")
+  with open(path, "w", encoding="utf-8") as f:
+    f.writelines(doc_line(d) for d in docs)
+  for method in ("minhash", "simhash"):
+    cfg = _config(**{"minhash.method": method, "exact.enabled": False})
+    funnel = corpus.clean_language("en", [path], cfg, str(tmp_path / method))
+    stats = funnel.stage("minhash")
+    assert stats.dropped == {"near_duplicate": 8}, (method, stats.dropped)
+    out = tmp_path / method / "corpus" / "en"
+    kept = [d.id for p in sorted(os.listdir(out)) for d in read_shard(str(out / p))]
+    assert kept == [f"o{i}" for i in range(len(texts))]
+  with pytest.raises(config_lib.ConfigError, match="minhash.method"):
+    _config(**{"minhash.method": "lsh"})

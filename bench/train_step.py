@@ -201,6 +201,10 @@ def main() -> None:
   parser.add_argument("--scan_unroll", type=int, default=LAYERS,
                       help="model.scan_unroll: layers per scan iteration "
                       "(all 8 by default; same numbers, longer compile)")
+  parser.add_argument("--custom_vjp", default=True,
+                      action=argparse.BooleanOptionalAction,
+                      help="model.custom_vjp: hand-written backward passes "
+                      "(same gradients up to float rounding)")
   parser.add_argument("--attn", default="sdpa", choices=("sdpa", "eager"),
                       help="transformers attention implementation")
   parser.add_argument("--xla_flags", default=TUNED_XLA_FLAGS,
@@ -223,7 +227,8 @@ def main() -> None:
   from mllm_jax.train import metrics, optimizer as optim
   # pylint: enable=import-outside-toplevel
   torch.set_num_threads(args.threads)
-  cfg = model_config(args.seq, scan_unroll=args.scan_unroll)
+  cfg = model_config(args.seq, scan_unroll=args.scan_unroll,
+                     custom_vjp=args.custom_vjp)
   total_steps = args.warmup + args.steps
   opt_cfg = optim.OptimizerConfig(warmup_steps=max(total_steps // 2, 1))
   ours, hf_weights = build_ours(cfg, opt_cfg, total_steps)
@@ -255,6 +260,7 @@ def main() -> None:
         f" x seq {args.seq}, float32, transformers attention {args.attn}, "
         f"{args.warmup} warm-up + {args.steps} timed steps each, "
         f"freed memory {'released' if args.release_memory else 'kept'}, "
+        f"scan_unroll {cfg.scan_unroll}, custom_vjp {cfg.custom_vjp}, "
         f"XLA_FLAGS={os.environ['XLA_FLAGS']!r}, "
         f"{flops_per_token * tokens / 1e9:.0f} GFLOP/step")
   print(f"matmul peak (2048^2 fp32): jax {jax_peak / 1e9:.1f} GFLOP/s, "

@@ -60,6 +60,79 @@ def xla_attention(q, k, v, mask, bias=None):
   return out.reshape(b, t, h, d)
 
 
+def attention_bias(mask: jax.Array, bias: jax.Array | None = None
+                   ) -> jax.Array:
+  """The mask (and ALiBi bias) as one additive float32 bias, [B, 1|H, T, S].
+
+  Adding MASK_VALUE gives the same probabilities as selecting it: any score
+  is far below half an ulp of MASK_VALUE, so the sum rounds to MASK_VALUE.
+  """
+  allowed = mask[:, None]
+  return jnp.where(allowed, 0.0 if bias is None else bias, MASK_VALUE)
+
+
+def _core_specs(ndim: int) -> tuple[str, str, str]:
+  """einsum letters of q, k/v and the scores: MHA [B,T,H,D], else GQA with
+  q [B,T,KV,G,D] (no size-1 group axis for MHA: XLA would copy around it)."""
+  return (("bthd", "bshd", "bhts") if ndim == 4 else
+          ("btkgd", "bskd", "bkgts"))
+
+
+def _core_fwd(q, k, v, bias):
+  qs, ks, ss = _core_specs(q.ndim)
+  scale = math.sqrt(q.shape[-1])
+  scores = jnp.einsum(f"{qs},{ks}->{ss}", q, k,
+                      preferred_element_type=jnp.float32) / scale + bias
+  scores = scores - jnp.max(scores, axis=-1, keepdims=True)
+  exp = jnp.exp(scores)
+  probs = exp / jnp.sum(exp, axis=-1, keepdims=True)
+  out = jnp.einsum(f"{ss},{ks}->{qs}", probs.astype(v.dtype), v)
+  return out, (q, k, v, bias, probs, out)
+
+
+def _core_bwd(residuals, d_out):
+  """Softmax backward as in flash attention: dS = P * (dP - rowsum(dO * O)),
+  one pass over the [T, S] scores instead of autodiff's several."""
+  q, k, v, bias, probs, out = residuals
+  qs, ks, ss = _core_specs(q.ndim)
+  scale = math.sqrt(q.shape[-1])
+  d_v = jnp.einsum(f"{ss},{qs}->{ks}", probs.astype(v.dtype), d_out)
+  d_probs = jnp.einsum(f"{qs},{ks}->{ss}", d_out, v,
+                       preferred_element_type=jnp.float32)
+  # rowsum(P * dP) == rowsum(dO * O), summed over D instead of S.
+  row = jnp.einsum(f"{qs},{qs}->{ss[:-1]}", d_out.astype(jnp.float32),
+                   out.astype(jnp.float32))[..., None]
+  # Masked scores get no gradient (as with jnp.where); only rows with every
+  # key masked (padding) have non-zero probabilities there.
+  d_scores = jnp.where(bias > 0.5 * MASK_VALUE, probs * (d_probs - row), 0.0)
+  d_scores = (d_scores / scale).astype(q.dtype)
+  d_q = jnp.einsum(f"{ss},{ks}->{qs}", d_scores, k)
+  d_k = jnp.einsum(f"{ss},{qs}->{ks}", d_scores, q)
+  return d_q, d_k, d_v, None
+
+
+@jax.custom_vjp
+def _attention_core(q, k, v, bias):
+  return _core_fwd(q, k, v, bias)[0]
+
+
+_attention_core.defvjp(_core_fwd, _core_bwd)
+
+
+def custom_vjp_attention(q, k, v, mask, bias=None):
+  """`xla_attention` with a hand-written backward (model.custom_vjp): the
+  same function; gradients equal up to float rounding."""
+  b, t, h, d = q.shape
+  kv = k.shape[2]
+  bias = attention_bias(mask, bias)  # [B, 1|H, T, S]
+  if kv != h:
+    q = q.reshape(b, t, kv, h // kv, d)
+    heads = (kv, h // kv) if bias.shape[1] == h else (1, 1)
+    bias = bias.reshape(b, *heads, *bias.shape[2:])
+  out = _attention_core(q, k, v, bias)
+  return out.reshape(b, t, h, d)
+
+
 def fused_attention(q, k, v, mask, bias=None, implementation=None):
   """jax.nn.dot_product_attention: XLA's fused op, or cuDNN flash attention."""
   return jax.nn.dot_product_attention(
@@ -185,6 +258,8 @@ class Attention(nnx.Module):
           layer_cache[1].dtype), at)
       out = xla_attention(q, k.astype(dt), v.astype(dt), mask, bias)
       layer_cache = (k, v)
+    elif cfg.attention_backend == "xla" and cfg.custom_vjp:
+      out = custom_vjp_attention(q, k, v, mask, bias)
     elif cfg.attention_backend == "xla":
       out = xla_attention(q, k, v, mask, bias)
     elif cfg.attention_backend in ("dot_product", "cudnn"):

@@ -50,6 +50,10 @@ class ModelConfig:
   # Layers per scan iteration: >1 lets XLA fuse across layers (faster steps,
   # same numbers) at a compile time that grows with it.
   scan_unroll: int = 1
+  # Hand-written backward passes for the attention core ("xla" backend), the
+  # SwiGLU MLP and RMSNorm: the same gradients up to float rounding, with
+  # fewer passes over memory (the CPU step's bottleneck, docs/benchmarks.md).
+  custom_vjp: bool = False
 
   # Derived sizes: read these, never the raw zero-means-default fields.
   @property

@@ -3,6 +3,7 @@ RMSNorm, the SwiGLU MLP, token embedding, RoPE and ALiBi."""
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -31,6 +32,35 @@ def param(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str | None],
   return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
 
 
+def _rms_norm_fwd(x, scale, eps):
+  x32 = x.astype(jnp.float32)
+  inv = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return (x32 * inv).astype(scale.dtype) * scale, (x, inv, scale)
+
+
+def _rms_norm_bwd(eps, residuals, d_out):
+  """dx = r * (g - x_hat * mean(g * x_hat)) with g = dy * scale, x_hat = x * r."""
+  del eps
+  x, inv, scale = residuals
+  x_hat = x.astype(jnp.float32) * inv
+  dy = d_out.astype(jnp.float32)
+  d_scale = jnp.sum((x_hat.astype(scale.dtype) * d_out).astype(jnp.float32),
+                    axis=tuple(range(x.ndim - 1)))
+  g = dy * scale.astype(jnp.float32)
+  d_x = inv * (g - x_hat * jnp.mean(g * x_hat, axis=-1, keepdims=True))
+  return d_x.astype(x.dtype), d_scale.astype(scale.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def rms_norm(x, scale, eps):
+  """RMSNorm in float32 with a hand-written backward (model.custom_vjp);
+  scale in the compute dtype, which is also the output's."""
+  return _rms_norm_fwd(x, scale, eps)[0]
+
+
+rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
+
+
 class RMSNorm(nnx.Module):
   """Root-mean-square norm computed in float32 (no bias, no mean removal)."""
 
@@ -38,12 +68,53 @@ class RMSNorm(nnx.Module):
     self.scale = param(rngs, (dim,), ("norm",), cfg.weight_dtype, None)
     self.eps = cfg.norm_eps
     self.dtype = cfg.compute_dtype
+    self.custom_vjp = cfg.custom_vjp
 
   def __call__(self, x: jax.Array) -> jax.Array:
+    if self.custom_vjp:
+      return rms_norm(x, self.scale[...].astype(self.dtype), self.eps)
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True)
                               + self.eps)
     return (x32.astype(self.dtype) * self.scale[...].astype(self.dtype))
+
+
+def _swiglu_fwd(x, w_gate, w_up, w_down):
+  gate = jnp.einsum("btd,dh->bth", x, w_gate)
+  up = jnp.einsum("btd,dh->bth", x, w_up)
+  hidden = constrain(jax.nn.silu(gate) * up,
+                     ("act_batch", "act_length", "act_mlp"))
+  out = jnp.einsum("bth,hd->btd", hidden, w_down)
+  return out, (x, gate, up, hidden, w_gate, w_up, w_down)
+
+
+def _swiglu_bwd(residuals, d_out):
+  """silu(g)' = s * (1 + g * (1 - s)) with s = sigmoid(g): the gate and up
+  gradients come out of one elementwise pass over the saved g and u."""
+  x, gate, up, hidden, w_gate, w_up, w_down = residuals
+  d_hidden = jnp.einsum("btd,hd->bth", d_out, w_down)
+  d_w_down = jnp.einsum("bth,btd->hd", hidden, d_out)
+  g = gate.astype(jnp.float32)
+  sig = jax.nn.sigmoid(g)
+  dh = d_hidden.astype(jnp.float32)
+  d_gate = (dh * up.astype(jnp.float32) * sig * (1 + g * (1 - sig))).astype(
+      gate.dtype)
+  d_up = (dh * g * sig).astype(up.dtype)
+  d_x = (jnp.einsum("bth,dh->btd", d_gate, w_gate)
+         + jnp.einsum("bth,dh->btd", d_up, w_up))
+  d_w_gate = jnp.einsum("btd,bth->dh", x, d_gate)
+  d_w_up = jnp.einsum("btd,bth->dh", x, d_up)
+  return d_x, d_w_gate, d_w_up, d_w_down
+
+
+@jax.custom_vjp
+def swiglu(x, w_gate, w_up, w_down):
+  """down(silu(x @ gate) * (x @ up)) with a hand-written backward
+  (model.custom_vjp); x [B, T, D], weights in the compute dtype."""
+  return _swiglu_fwd(x, w_gate, w_up, w_down)[0]
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 class MLP(nnx.Module):
@@ -56,9 +127,13 @@ class MLP(nnx.Module):
     self.up = param(rngs, (d, h), ("embed", "mlp"), dt, cfg.init_std)
     self.down = param(rngs, (h, d), ("mlp", "embed"), dt, out_std)
     self.dtype = cfg.compute_dtype
+    self.custom_vjp = cfg.custom_vjp
 
   def __call__(self, x: jax.Array) -> jax.Array:
     dt = self.dtype
+    if self.custom_vjp:
+      return swiglu(x, self.gate[...].astype(dt), self.up[...].astype(dt),
+                    self.down[...].astype(dt))
     gate = jnp.einsum("btd,dh->bth", x, self.gate[...].astype(dt))
     up = jnp.einsum("btd,dh->bth", x, self.up[...].astype(dt))
     hidden = constrain(jax.nn.silu(gate) * up,

@@ -78,7 +78,7 @@ def _core_specs(ndim: int) -> tuple[str, str, str]:
           ("btkgd", "bskd", "bkgts"))
 
 
-def _core_fwd(q, k, v, bias):
+def _core_fwd(q, k, v, bias, row_scale):
   qs, ks, ss = _core_specs(q.ndim)
   scale = math.sqrt(q.shape[-1])
   scores = jnp.einsum(f"{qs},{ks}->{ss}", q, k,
@@ -87,33 +87,33 @@ def _core_fwd(q, k, v, bias):
   exp = jnp.exp(scores)
   probs = exp / jnp.sum(exp, axis=-1, keepdims=True)
   out = jnp.einsum(f"{ss},{ks}->{qs}", probs.astype(v.dtype), v)
-  return out, (q, k, v, bias, probs, out)
+  return out, (q, k, v, row_scale, probs, out)
 
 
 def _core_bwd(residuals, d_out):
   """Softmax backward as in flash attention: dS = P * (dP - rowsum(dO * O)),
   one pass over the [T, S] scores instead of autodiff's several."""
-  q, k, v, bias, probs, out = residuals
+  q, k, v, row_scale, probs, out = residuals
   qs, ks, ss = _core_specs(q.ndim)
-  scale = math.sqrt(q.shape[-1])
   d_v = jnp.einsum(f"{ss},{qs}->{ks}", probs.astype(v.dtype), d_out)
   d_probs = jnp.einsum(f"{qs},{ks}->{ss}", d_out, v,
                        preferred_element_type=jnp.float32)
   # rowsum(P * dP) == rowsum(dO * O), summed over D instead of S.
   row = jnp.einsum(f"{qs},{qs}->{ss[:-1]}", d_out.astype(jnp.float32),
                    out.astype(jnp.float32))[..., None]
-  # Masked scores get no gradient (as with jnp.where); only rows with every
-  # key masked (padding) have non-zero probabilities there.
-  d_scores = jnp.where(bias > 0.5 * MASK_VALUE, probs * (d_probs - row), 0.0)
-  d_scores = (d_scores / scale).astype(q.dtype)
+  # Masked scores get no gradient, as with jnp.where: P is 0 there, except
+  # in rows whose every key is masked (padding), which row_scale zeroes.
+  d_scores = (probs * (d_probs - row) * row_scale).astype(q.dtype)
   d_q = jnp.einsum(f"{ss},{ks}->{qs}", d_scores, k)
   d_k = jnp.einsum(f"{ss},{qs}->{ks}", d_scores, q)
-  return d_q, d_k, d_v, None
+  return d_q, d_k, d_v, None, None
 
 
 @jax.custom_vjp
-def _attention_core(q, k, v, bias):
-  return _core_fwd(q, k, v, bias)[0]
+def _attention_core(q, k, v, bias, row_scale):
+  """Softmax attention; row_scale [B, 1, (1,) T, 1] is 1/sqrt(D) for query
+  rows with at least one key and 0 for the others (backward only)."""
+  return _core_fwd(q, k, v, bias, row_scale)[0]
 
 
 _attention_core.defvjp(_core_fwd, _core_bwd)
@@ -125,11 +125,14 @@ def custom_vjp_attention(q, k, v, mask, bias=None):
   b, t, h, d = q.shape
   kv = k.shape[2]
   bias = attention_bias(mask, bias)  # [B, 1|H, T, S]
+  row_scale = jnp.where(jnp.any(mask, axis=-1), 1 / math.sqrt(d),
+                        0.0)[:, None, :, None].astype(jnp.float32)
   if kv != h:
     q = q.reshape(b, t, kv, h // kv, d)
     heads = (kv, h // kv) if bias.shape[1] == h else (1, 1)
     bias = bias.reshape(b, *heads, *bias.shape[2:])
-  out = _attention_core(q, k, v, bias)
+    row_scale = row_scale[:, None]
+  out = _attention_core(q, k, v, bias, row_scale)
   return out.reshape(b, t, h, d)
 
 
@@ -246,8 +249,8 @@ class Attention(nnx.Module):
     v = constrain(v, ("act_batch", "act_length", "act_kv_heads", None))
     if cfg.position == "rope":
       inv_freq = rope_frequencies(cfg)
-      q = apply_rope(q, positions, inv_freq)
-      k = apply_rope(k, positions, inv_freq)
+      q = apply_rope(q, positions, inv_freq, cfg.custom_vjp)
+      k = apply_rope(k, positions, inv_freq, cfg.custom_vjp)
 
     if layer_cache is not None:
       # Decoding is memory-bound: the reference path over the whole cache.

@@ -25,12 +25,14 @@ def _cross_entropy_bwd(z_loss, residuals, d_loss):
   logits, targets, log_z = residuals
   d_loss = d_loss.astype(jnp.float32)
   d_log_z = d_loss * (1 + 2 * z_loss * log_z) if z_loss else d_loss
-  probs = jnp.exp(logits.astype(jnp.float32) - log_z[..., None])
-  vocab = jax.lax.broadcasted_iota(targets.dtype, logits.shape,
-                                   logits.ndim - 1)
-  d_logits = (probs * d_log_z[..., None]
-              - jnp.where(vocab == targets[..., None], d_loss[..., None], 0.0))
-  return d_logits.astype(logits.dtype), None
+  d_logits = jnp.exp(logits.astype(jnp.float32) - log_z[..., None]) * (
+      d_log_z[..., None])
+  # - d_loss at each target: a scatter of one value per token, in place
+  # (an iota == target select would be a second pass over the logits).
+  flat = d_logits.reshape(-1, d_logits.shape[-1])
+  flat = flat.at[jnp.arange(flat.shape[0]), targets.reshape(-1)].add(
+      -d_loss.reshape(-1), indices_are_sorted=True, unique_indices=True)
+  return flat.reshape(d_logits.shape).astype(logits.dtype), None
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))

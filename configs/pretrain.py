@@ -45,7 +45,9 @@ PRESETS = {
 
 # Gradient accumulation that makes the 4M-token batch fit, from the
 # ahead-of-time compiles in docs/scale.md (7b on v5p-8, 65b-pod on v5p-256):
-# micro-batches of about 4 sequences per data shard.
+# micro-batches of about 4 sequences per data shard. 7b on v4-8 (4 chips)
+# also needs model.remat=full, grad_accum_steps=512 and
+# optimizer.mu_dtype=bfloat16.
 GRAD_ACCUM = {"7b": 128, "65b-pod": 16}
 
 

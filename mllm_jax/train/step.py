@@ -5,6 +5,14 @@ Every supervised stage feeds the same batch schema (`inputs`, `targets`,
 pretraining, instruction tuning and SFT alike. Gradients are accumulated over
 micro-batches and normalised by the total loss weight, so accumulation gives
 the same update as one large batch.
+
+Memory: a parameter the model only ever reads through one cast to a narrower
+compute dtype (float32 weights used as bfloat16) has a gradient that is a
+bfloat16 number, stored as float32. The step therefore casts such parameters
+once per step and differentiates with respect to the cast copy, so each
+micro-batch's gradients take half the memory; they are summed in float32.
+The values are the same bits as differentiating the float32 parameters (see
+`gradient_dtypes`). For 7B on 4 chips this is 3.1 GiB per chip.
 """
 
 from __future__ import annotations
@@ -59,6 +67,67 @@ def split_micro_batches(batch: Batch, count: int) -> Batch:
   return jax.tree.map(split, batch)
 
 
+# Primitives whose sub-jaxpr receives the equation's operands one to one.
+_CALLS = ("pjit", "jit", "closed_call", "core_call", "remat2", "checkpoint")
+
+
+def _sub_jaxpr_invar(eqn, index: int):
+  """The variable operand `index` of `eqn` becomes inside its body, or None
+  when the body does not see it as a plain copy (or slice, for scan `xs`)."""
+  name = eqn.primitive.name
+  if name in _CALLS:
+    jaxpr = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
+  elif name == "scan":
+    # consts and xs only: a carry is loop state, not the parameter.
+    num_consts, num_carry = eqn.params["num_consts"], eqn.params["num_carry"]
+    if num_consts <= index < num_consts + num_carry:
+      return None
+    jaxpr = eqn.params["jaxpr"]
+  else:
+    return None
+  if jaxpr is None:
+    return None
+  jaxpr = getattr(jaxpr, "jaxpr", jaxpr)  # ClosedJaxpr -> Jaxpr
+  return jaxpr, jaxpr.invars[index]
+
+
+def _only_cast_dtype(jaxpr, var):
+  """The dtype `var` is cast to, if its single use (followed into nested
+  calls, remat and scans) is one cast to a narrower float dtype; else None."""
+  uses = [(eqn, i) for eqn in jaxpr.eqns
+          for i, v in enumerate(eqn.invars) if v is var]
+  if len(uses) != 1 or any(v is var for v in jaxpr.outvars):
+    return None
+  eqn, index = uses[0]
+  if eqn.primitive.name == "convert_element_type":
+    new = jnp.dtype(eqn.params["new_dtype"])
+    old = jnp.dtype(var.aval.dtype)
+    if (jnp.issubdtype(new, jnp.floating) and jnp.issubdtype(old, jnp.floating)
+        and new.itemsize < old.itemsize):
+      return new
+    return None
+  inner = _sub_jaxpr_invar(eqn, index)
+  return None if inner is None else _only_cast_dtype(*inner)
+
+
+def gradient_dtypes(loss_fn: Callable, params, *args) -> list:
+  """Per leaf of `params`: the dtype to differentiate `loss_fn` in.
+
+  A leaf that `loss_fn(params, *args)` reads only through one cast to a
+  narrower float dtype (e.g. float32 weights used as bfloat16) gets that
+  dtype: its cotangent is computed in it anyway, and converting before or
+  after the cast gives the same bits. Every other leaf (used in its own
+  dtype, used twice, or through an opaque primitive) keeps its dtype.
+  """
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                          (params, args))
+  closed = jax.make_jaxpr(lambda p, a: loss_fn(p, *a))(*abstract)
+  leaves = jax.tree.leaves(params)
+  invars = closed.jaxpr.invars[:len(leaves)]
+  return [_only_cast_dtype(closed.jaxpr, v) or jnp.dtype(x.dtype)
+          for v, x in zip(invars, leaves)]
+
+
 def make_train_step(graphdef: nnx.GraphDef,
                     optimizer: optax.GradientTransformation,
                     schedule: Callable[[jax.Array], jax.Array],
@@ -66,24 +135,45 @@ def make_train_step(graphdef: nnx.GraphDef,
                     z_loss: float = 0.0) -> Callable:
   """Returns step(state, batch) -> (state, metrics)."""
 
-  grad_fn = jax.value_and_grad(
-      lambda params, batch: weighted_loss_sums(graphdef, params, batch,
-                                               z_loss), has_aux=True)
+  def loss_fn(params, batch):
+    return weighted_loss_sums(graphdef, params, batch, z_loss)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def step(state: TrainState, batch: Batch):
     params = state["params"]
+    micro_batches = (batch if grad_accum_steps == 1 else
+                     split_micro_batches(batch, grad_accum_steps))
+    first = (batch if grad_accum_steps == 1 else jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), micro_batches))
+    # Differentiate with respect to the compute-dtype copy where that gives
+    # the same gradient (see the module docstring): smaller micro-batch
+    # gradients, and one cast per step instead of one per micro-batch.
+    leaves, treedef = jax.tree.flatten(params)
+    dtypes = gradient_dtypes(lambda p, b: loss_fn(p, b)[0], params, first)
+    diff_params = treedef.unflatten(
+        [x.astype(d) for x, d in zip(leaves, dtypes)])
+    # Sums of gradients are float32 (or wider) whatever the parameter dtype.
+    acc_dtypes = treedef.unflatten(
+        [jnp.promote_types(x.dtype, jnp.float32) for x in leaves])
+    widen = lambda grads: jax.tree.map(lambda g, d: g.astype(d), grads,
+                                       acc_dtypes)
     if grad_accum_steps == 1:
-      (loss_sum, (weight_sum, ce_sum)), grad_sum = grad_fn(params, batch)
+      (loss_sum, (weight_sum, ce_sum)), grads = grad_fn(diff_params, batch)
+      grad_sum = widen(grads)
     else:
       def accumulate(carry, micro_batch):
-        (loss_sum, (weight_sum, ce_sum)), grads = grad_fn(params, micro_batch)
+        (loss_sum, (weight_sum, ce_sum)), grads = grad_fn(diff_params,
+                                                         micro_batch)
         acc_grads, acc_loss, acc_weight, acc_ce = carry
-        return (jax.tree.map(jnp.add, acc_grads, grads), acc_loss + loss_sum,
-                acc_weight + weight_sum, acc_ce + ce_sum), None
-      zeros = jax.tree.map(jnp.zeros_like, params)
+        acc_grads = jax.tree.map(lambda a, g: a + g.astype(a.dtype),
+                                 acc_grads, grads)
+        return (acc_grads, acc_loss + loss_sum, acc_weight + weight_sum,
+                acc_ce + ce_sum), None
+      zeros = jax.tree.map(lambda x, d: jnp.zeros(x.shape, d), params,
+                           acc_dtypes)
       (grad_sum, loss_sum, weight_sum, ce_sum), _ = jax.lax.scan(
-          accumulate, (zeros, 0.0, 0.0, 0.0),
-          split_micro_batches(batch, grad_accum_steps))
+          accumulate, (zeros, 0.0, 0.0, 0.0), micro_batches)
 
     denominator = jnp.maximum(weight_sum, 1.0)
     # Gradients in the parameters' dtype, so the optimizer state keeps it.

@@ -10,7 +10,7 @@ donation, see mllm_jax/train/compile.py), lowered with abstract inputs
 named topology (needs the `tpu` extra, no TPU). `--topology=cpu:N` compiles
 for N local CPU devices instead (tests, no libtpu).
 
-Prints per-chip memory (arguments, outputs, temporaries, code, total) against
+Prints per-chip memory (arguments, outputs, temporaries, code, the peak) against
 the chip's HBM, FLOPs per step three ways (analytic model FLOPs, traced matmul
 FLOPs with scans expanded, XLA's cost analysis) and the step time implied by
 --mfu. Exit status: 0 fits, 1 bad flags/config/topology, 2 does not fit.
@@ -160,8 +160,16 @@ def _cpu_target(text: str, count: int, hbm_gib: float,
 
 
 def memory_report(stats, hbm_bytes: float) -> dict[str, float]:
-  """Per-device bytes from `compiled.memory_analysis()`; donated state is
-  aliased, so outputs that reuse argument buffers are not counted twice."""
+  """Per-device bytes from `compiled.memory_analysis()`.
+
+  `total` is the compiler's peak (`peak_memory_in_bytes`: arguments plus the
+  temporaries live at the worst point, the figure libtpu checks against HBM)
+  plus generated code. `sum_of_parts` adds every component instead
+  (arguments + outputs - aliased + temporaries + code; donated state is
+  aliased, so outputs that reuse argument buffers are not counted twice): an
+  upper bound, since on TPU `temp_size_in_bytes` is larger than the heap the
+  peak is taken from. Without a peak (older jax) `total` is that sum.
+  """
   report = {
       "arguments": stats.argument_size_in_bytes,
       "outputs": stats.output_size_in_bytes,
@@ -169,9 +177,13 @@ def memory_report(stats, hbm_bytes: float) -> dict[str, float]:
       "temporaries": stats.temp_size_in_bytes,
       "generated_code": stats.generated_code_size_in_bytes,
   }
-  report["total"] = (report["arguments"] + report["outputs"]
-                     - report["aliased"] + report["temporaries"]
-                     + report["generated_code"])
+  report["sum_of_parts"] = (report["arguments"] + report["outputs"]
+                            - report["aliased"] + report["temporaries"]
+                            + report["generated_code"])
+  peak = getattr(stats, "peak_memory_in_bytes", 0) or 0
+  report["peak"] = peak
+  report["total"] = (peak + report["generated_code"] if peak
+                     else report["sum_of_parts"])
   host = (stats.host_argument_size_in_bytes + stats.host_output_size_in_bytes
           - stats.host_alias_size_in_bytes + stats.host_temp_size_in_bytes)
   report["host_offloaded"] = host
@@ -284,7 +296,7 @@ def main(argv):
   memory = memory_report(compiled.memory_analysis(), target.hbm_bytes)
   print("memory per device:")
   for key in ("arguments", "outputs", "aliased", "temporaries",
-              "generated_code", "total", "capacity"):
+              "generated_code", "sum_of_parts", "peak", "total", "capacity"):
     print(f"  {key:15s}{_gib(memory[key])}")
   if memory["host_offloaded"]:
     print(f"  {'host_offloaded':15s}{_gib(memory['host_offloaded'])}")

@@ -57,7 +57,7 @@ def test_tiny_fits_on_cpu_topology_and_reports(runs):
   result = runs["fits"]
   assert result.returncode == 0, result.stderr
   for text in ("mesh     {'data': 4, 'stage': 1, 'fsdp': 2",
-               "remat='none'", "arguments", "temporaries", "total",
+               "remat='none'", "arguments", "temporaries", "peak", "total",
                "analytic model", "XLA cost", "implied step time",
                "FITS on cpu:8"):
     assert text in result.stdout
@@ -65,6 +65,9 @@ def test_tiny_fits_on_cpu_topology_and_reports(runs):
   assert report["devices"] == 8 and report["fits"]
   memory = report["memory_bytes"]
   assert 0 < memory["arguments"] <= memory["total"] <= memory["capacity"]
+  # The total is the compiler's peak (plus code), never more than adding up
+  # every component.
+  assert 0 < memory["peak"] <= memory["total"] <= memory["sum_of_parts"]
   # Scans expanded, the traced matmuls cover the analytic model FLOPs (plus
   # the full attention squares); XLA counts the layer loop body once.
   assert 1.0 <= report["flops_traced"] / report["flops_analytic"] < 1.5

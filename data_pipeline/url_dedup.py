@@ -54,10 +54,10 @@ class LatestPerURL:
   """Streaming keep mask: ``add`` every document in corpus order, then
   ``keep()`` is True for the winning document of each normalised URL."""
 
-  _FLUSH = 1 << 16  # Records buffered before they go to the bucket files.
-
-  def __init__(self, workdir: str, buckets: int = 1):
-    self.workdir, self.buckets = workdir, buckets
+  def __init__(self, workdir: str, buckets: int = 1,
+               flush_rows: int = 1 << 16):
+    """``flush_rows``: records buffered before they go to the bucket files."""
+    self.workdir, self.buckets, self.flush_rows = workdir, buckets, flush_rows
     shutil.rmtree(workdir, ignore_errors=True)
     os.makedirs(workdir)
     self._rows: list[tuple[int, int, int, int]] = []
@@ -70,7 +70,7 @@ class LatestPerURL:
                        int.from_bytes(digest[8:], "little"),
                        date_key(date), self.count))
     self.count += 1
-    if len(self._rows) >= self._FLUSH:
+    if len(self._rows) >= self.flush_rows:
       self._flush()
 
   def _path(self, bucket: int) -> str:

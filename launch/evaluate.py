@@ -21,14 +21,10 @@ from mllm_jax.convert import native
 from mllm_jax.eval import runner
 from mllm_jax.data.tokenizer import load_tokenizer
 from mllm_jax import runtime
-from mllm_jax.runtime import (define_mesh_flag, mesh_from_flag,
-                              quiet_library_logs, require_flags)
+from mllm_jax.runtime import mesh_from_flag, quiet_library_logs, require_flags
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None,
-                                  "Native checkpoint directory.")
-_TOKENIZER = flags.DEFINE_string(
-    "tokenizer", None, "Tokenizer file or directory, or 'bytes'; default: "
-    "the tokenizer saved in the checkpoint directory.")
+_CHECKPOINT, _TOKENIZER, _MESH = runtime.define_inference_flags()
+flags.adopt_module_key_flags(runtime)
 _TASKS = flags.DEFINE_list("tasks", None, "Comma-separated task names.")
 _NUM_FEWSHOT = flags.DEFINE_integer(
     "num_fewshot", None, "Demonstrations per query (default: per task).")
@@ -40,8 +36,6 @@ _SEED = flags.DEFINE_integer("seed", 1234,
 _CODE_SAMPLES = flags.DEFINE_integer(
     "code_samples", 1, "Programs per HumanEval/MBPP problem: 1 = greedy "
     "pass@1; n > 1 = sampled (T=0.8, top-p 0.95), pass@k for k <= n.")
-_MESH = define_mesh_flag()
-flags.adopt_module_key_flags(runtime)
 
 
 def main(argv: list[str]) -> None:

@@ -22,14 +22,10 @@ from mllm_jax.convert import native
 from mllm_jax.generate.sampler import Sampler, check_sampling_flags
 from mllm_jax.data.tokenizer import load_tokenizer
 from mllm_jax import runtime
-from mllm_jax.runtime import (define_mesh_flag, mesh_from_flag,
-                              quiet_library_logs, require_flags)
+from mllm_jax.runtime import mesh_from_flag, quiet_library_logs, require_flags
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None,
-                                  "Native checkpoint directory.")
-_TOKENIZER = flags.DEFINE_string(
-    "tokenizer", None, "Tokenizer file or directory, or 'bytes'; default: "
-    "the tokenizer saved in the checkpoint directory.")
+_CHECKPOINT, _TOKENIZER, _MESH = runtime.define_inference_flags()
+flags.adopt_module_key_flags(runtime)
 _PROMPT = flags.DEFINE_multi_string("prompt", [],
                                     "Prompt(s); repeat for a batch.")
 _CHAT = flags.DEFINE_bool("chat", False, "Interactive chat on stdin.")
@@ -41,8 +37,6 @@ _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _STOP = flags.DEFINE_multi_string("stop", [], "Stop string(s).")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
                            "Override the compute dtype.")
-_MESH = define_mesh_flag()
-flags.adopt_module_key_flags(runtime)
 USER, ASSISTANT = "User: ", "Assistant:"
 
 

@@ -42,15 +42,21 @@ def define_text_flags() -> tuple[flags.FlagHolder, ...]:
                            "--text_split=chunk: characters per document."))
 
 
-def define_mesh_flag() -> flags.FlagHolder:
-  """The --mesh flag of the inference binaries (see mesh_from_flag); adopt
-  it as in define_text_flags."""
-  return flags.DEFINE_string(
-      "mesh", "", "Device mesh as axis=size pairs, e.g. 'data=2,fsdp=2,"
-      "tensor=2' (axes data, stage, fsdp, sequence, tensor; unnamed axes are "
-      "1; one may be -1 for the remaining devices). Parameters are sharded "
-      "by the default rules and batches split over data x fsdp. Empty: one "
-      "device.")
+def define_inference_flags() -> tuple[flags.FlagHolder, ...]:
+  """--checkpoint, --tokenizer and --mesh of the binaries that load a native
+  checkpoint to run it (generate, evaluate); adopt them as in
+  define_text_flags. The mesh is read with mesh_from_flag."""
+  return (
+      flags.DEFINE_string("checkpoint", None, "Native checkpoint directory."),
+      flags.DEFINE_string(
+          "tokenizer", None, "Tokenizer file or directory, or 'bytes'; "
+          "default: the tokenizer saved in the checkpoint directory."),
+      flags.DEFINE_string(
+          "mesh", "", "Device mesh as axis=size pairs, e.g. 'data=2,fsdp=2,"
+          "tensor=2' (axes data, stage, fsdp, sequence, tensor; unnamed axes "
+          "are 1; one may be -1 for the remaining devices). Parameters are "
+          "sharded by the default rules and batches split over data x fsdp. "
+          "Empty: one device."))
 
 
 def mesh_from_flag(holder: flags.FlagHolder):

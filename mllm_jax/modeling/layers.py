@@ -71,12 +71,10 @@ class RMSNorm(nnx.Module):
     self.custom_vjp = cfg.custom_vjp
 
   def __call__(self, x: jax.Array) -> jax.Array:
+    scale = self.scale[...].astype(self.dtype)
     if self.custom_vjp:
-      return rms_norm(x, self.scale[...].astype(self.dtype), self.eps)
-    x32 = x.astype(jnp.float32)
-    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True)
-                              + self.eps)
-    return (x32.astype(self.dtype) * self.scale[...].astype(self.dtype))
+      return rms_norm(x, scale, self.eps)
+    return _rms_norm_fwd(x, scale, self.eps)[0]  # Autodiff's backward.
 
 
 def _swiglu_fwd(x, w_gate, w_up, w_down):
@@ -130,15 +128,11 @@ class MLP(nnx.Module):
     self.custom_vjp = cfg.custom_vjp
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    dt = self.dtype
+    weights = [w[...].astype(self.dtype) for w in (self.gate, self.up,
+                                                   self.down)]
     if self.custom_vjp:
-      return swiglu(x, self.gate[...].astype(dt), self.up[...].astype(dt),
-                    self.down[...].astype(dt))
-    gate = jnp.einsum("btd,dh->bth", x, self.gate[...].astype(dt))
-    up = jnp.einsum("btd,dh->bth", x, self.up[...].astype(dt))
-    hidden = constrain(jax.nn.silu(gate) * up,
-                       ("act_batch", "act_length", "act_mlp"))
-    return jnp.einsum("bth,hd->btd", hidden, self.down[...].astype(dt))
+      return swiglu(x, *weights)
+    return _swiglu_fwd(x, *weights)[0]  # Autodiff's backward.
 
 
 class Embed(nnx.Module):

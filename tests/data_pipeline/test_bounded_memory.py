@@ -87,8 +87,8 @@ def test_exact_dedup_groups_remove_repeats_within_a_group(tmp_path):
   texts = [open(src, encoding="utf-8").read()
            for _, src in python_doc_pairs()[:40]]
   para = texts[0][:400]
-  # Pages 10 and 20 carry a copy of page 0's opening: the one in the same
-  # 1 MiB group goes, the one past the group boundary stays.
+  # Pages 10 and 39 carry a copy of page 0's opening: the one in page 0's
+  # group goes, the one past the group boundary stays.
   docs = [Document(str(i), f"https://d/{i}", t + ("\n" + para if i in (10, 39) else ""),
                    metadata={"language": "en"}) for i, t in enumerate(texts)]
   folder = tmp_path / "in"
@@ -98,7 +98,8 @@ def test_exact_dedup_groups_remove_repeats_within_a_group(tmp_path):
     f.writelines(doc_line(d) for d in docs)
   sizes = np.cumsum([len(d.text) for d in docs])
   group = int(sizes[20]) + 1  # Documents 0..21 form the first group.
-  cfg = _config(**{"exact.group_bytes": max(group, 1 << 16),
+  assert sizes[10] < group < sizes[38]
+  cfg = _config(**{"exact.group_bytes": group,
                    "url_dedup.enabled": False, "minhash.enabled": False})
   corpus.clean_language("en", [path], cfg, str(tmp_path / "out"))
   out = {d.id: d for p in sorted(os.listdir(tmp_path / "out" / "corpus" / "en"))
@@ -115,8 +116,8 @@ def test_url_dedup_buckets_give_the_same_mask(tmp_path):
            for _ in urls]
   masks = []
   for buckets in (1, 7):
-    dedup = LatestPerURL(str(tmp_path / f"b{buckets}"), buckets)
-    dedup._FLUSH = 500  # Several flushes per bucket.
+    dedup = LatestPerURL(str(tmp_path / f"b{buckets}"), buckets,
+                         flush_rows=500)  # Several flushes per bucket.
     for u, d in zip(urls, dates):
       dedup.add(u, d)
     masks.append(dedup.keep())

@@ -1,8 +1,9 @@
 """One process of the two-process test in test_distributed.py.
 
 Run as a script with JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
-JAX_PROCESS_ID set, 4 CPU devices each; prints the loss of a batch computed
-on a (2, 2, 2) mesh spanning both processes.
+JAX_PROCESS_ID set, 4 CPU devices each; writes the loss of a batch computed
+on a (2, 2, 2) mesh spanning both processes as JSON to the file named by its
+first argument (not stdout, which Gloo's C++ logging shares).
 """
 
 import json
@@ -45,9 +46,10 @@ def main():
                                        lambda index: TOKENS[index])
   with use_mesh(mesh, parallel.rules):
     value = jax.jit(loss)(model, batch)
-  print(json.dumps({"process": jax.process_index(),
-                    "processes": jax.process_count(),
-                    "devices": jax.device_count(), "loss": float(value)}))
+  with open(sys.argv[1], "w") as f:
+    json.dump({"process": jax.process_index(),
+               "processes": jax.process_count(),
+               "devices": jax.device_count(), "loss": float(value)}, f)
 
 
 if __name__ == "__main__":

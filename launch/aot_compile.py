@@ -239,9 +239,7 @@ def main(argv):
     optimizer_cfg = from_config(OptimizerConfig, config.optimizer, "optimizer")
     train_cfg = from_config(TrainConfig, config.train, "train")
     seq_len = int(config.data.seq_len)
-    check(0 < seq_len <= model_cfg.max_seq_len, "data.seq_len",
-          f"{seq_len} must be in [1, model.max_seq_len="
-          f"{model_cfg.max_seq_len}]")
+    model_cfg.check_seq_len(seq_len)
     target = resolve_target(_TOPOLOGY.value, _HBM_GIB.value,
                             train_cfg.peak_flops)
     chips = len(target.devices)

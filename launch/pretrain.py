@@ -100,9 +100,7 @@ def main(argv):
           f"{data_cfg.tokenizer} has {data_info['vocab_size']} tokens but "
           f"model.vocab_size is {model_cfg.vocab_size}; ids would index past "
           f"the embedding")
-    check(data_cfg.seq_len <= model_cfg.max_seq_len, "data.seq_len",
-          f"{data_cfg.seq_len} exceeds model.max_seq_len="
-          f"{model_cfg.max_seq_len}")
+    model_cfg.check_seq_len(data_cfg.seq_len)
     init_params = None
     if config.init_checkpoint:
       init_cfg, init_model = load_model(config.init_checkpoint)

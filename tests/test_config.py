@@ -66,3 +66,12 @@ def test_backend_the_platform_cannot_run_names_alternatives():
     offload.check_platform("cpu")
   offload.check_platform("tpu")
   cfg.check_platform("cpu")
+
+
+def test_sequence_the_model_cannot_train_names_the_field():
+  cfg = ModelConfig(max_seq_len=64, loss_chunk_len=24)
+  with pytest.raises(ConfigError, match="data.seq_len.*loss_chunk_len=24"):
+    cfg.check_seq_len(64)
+  with pytest.raises(ConfigError, match="data.seq_len.*max_seq_len=64"):
+    cfg.check_seq_len(96)
+  ModelConfig(max_seq_len=64, loss_chunk_len=16).check_seq_len(64)

@@ -54,6 +54,10 @@ class ModelConfig:
   # SwiGLU MLP and RMSNorm: the same gradients up to float rounding, with
   # fewer passes over memory (the CPU step's bottleneck, docs/benchmarks.md).
   custom_vjp: bool = False
+  # Positions per chunk when the training loss applies the output projection
+  # (0: the whole sequence at once): bounds the float32 logits held at once
+  # and keeps each chunk's in cache (losses.head_cross_entropy).
+  loss_chunk_len: int = 0
 
   # Derived sizes: read these, never the raw zero-means-default fields.
   @property
@@ -84,7 +88,7 @@ class ModelConfig:
     for name in ("vocab_size", "embed_dim", "num_layers", "num_heads",
                  "max_seq_len", "mlp_multiple_of", "scan_unroll"):
       check(getattr(self, name) > 0, f"{prefix}.{name}", "must be positive")
-    for name in ("num_kv_heads", "head_dim", "mlp_dim"):
+    for name in ("num_kv_heads", "head_dim", "mlp_dim", "loss_chunk_len"):
       check(getattr(self, name) >= 0, f"{prefix}.{name}",
             "must be >= 0 (0 means derived)")
     check(self.num_heads % self.kv_heads == 0, f"{prefix}.num_kv_heads",
@@ -106,6 +110,14 @@ class ModelConfig:
     check(self.rope_scaling == "none" or self.rope_scaling_factor >= 1.0,
           f"{prefix}.rope_scaling_factor", "must be >= 1 when scaling RoPE")
     check(self.norm_eps > 0, f"{prefix}.norm_eps", "must be positive")
+
+  def check_seq_len(self, seq_len: int, field: str = "data.seq_len") -> None:
+    """Fails early when training sequences of `seq_len` cannot run."""
+    check(0 < seq_len <= self.max_seq_len, field,
+          f"{seq_len} must be in [1, model.max_seq_len={self.max_seq_len}]")
+    check(not self.loss_chunk_len or seq_len % self.loss_chunk_len == 0,
+          field, f"{seq_len} is not a multiple of model.loss_chunk_len="
+          f"{self.loss_chunk_len}")
 
   def check_platform(self, platform: str | None = None,
                      prefix: str = "model") -> None:

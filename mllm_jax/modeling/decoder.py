@@ -80,6 +80,29 @@ class Decoder(nnx.Module):
     cache: a KVCache to append these T tokens to (prefill or decode step).
     Returns logits [B, T, V] (float32), or (logits, cache) with a cache.
     """
+    x, cache = self.hidden_states(tokens, positions, segment_ids, prefix_mask,
+                                  cache)
+    if self.cfg.tie_embeddings:
+      logits = self.embed.attend(x)
+    else:
+      logits = jnp.einsum("btd,dv->btv", x, self.head_weight(),
+                          preferred_element_type=jnp.float32)
+    logits = constrain(logits, ("act_batch", "act_length", "act_vocab"))
+    return logits if cache is None else (logits, cache)
+
+  def head_weight(self) -> jax.Array:
+    """The output projection [D, V] in the compute dtype (the training loss
+    applies it itself, a chunk at a time: `losses.head_cross_entropy`)."""
+    w = self.embed.table[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+    return w.astype(self.cfg.compute_dtype)
+
+  def hidden_states(self, tokens: jax.Array,
+                    positions: jax.Array | None = None,
+                    segment_ids: jax.Array | None = None,
+                    prefix_mask: jax.Array | None = None,
+                    cache: KVCache | None = None):
+    """`__call__` up to the final norm: ([B, T, D] in the compute dtype,
+    the updated cache or None)."""
     cfg = self.cfg
     b, t = tokens.shape
     if positions is None:
@@ -124,14 +147,6 @@ class Decoder(nnx.Module):
                              unroll=min(cfg.scan_unroll, cfg.num_layers))
 
     x = self.final_norm(x)
-    if cfg.tie_embeddings:
-      logits = self.embed.attend(x)
-    else:
-      logits = jnp.einsum("btd,dv->btv", x,
-                          self.lm_head[...].astype(cfg.compute_dtype),
-                          preferred_element_type=jnp.float32)
-    logits = constrain(logits, ("act_batch", "act_length", "act_vocab"))
-    if cache is None:
-      return logits
-    cache = cache.replace(k=new_kv[0], v=new_kv[1], index=cache.index + t)
-    return logits, cache
+    if cache is not None:
+      cache = cache.replace(k=new_kv[0], v=new_kv[1], index=cache.index + t)
+    return x, cache

@@ -58,3 +58,117 @@ def weighted_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
   """Mean of `values` under `weights` (0 where there is no target)."""
   weights = weights.astype(jnp.float32)
   return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+# ----------------------------------------------------------------------------
+# The output projection and the loss in one: chunked, gradients in the forward
+# ----------------------------------------------------------------------------
+
+
+def _chunks(x: jax.Array, count: int) -> jax.Array:
+  """[B, T, ...] -> [count, B, T / count, ...]: chunk j holds positions
+  j, j + count, j + 2 count, ... so every chunk spans every sequence shard."""
+  b, t = x.shape[:2]
+  x = x.reshape(b, t // count, count, *x.shape[2:])
+  return jnp.moveaxis(x, 2, 0)
+
+
+def _unchunk(x: jax.Array) -> jax.Array:
+  """Inverse of `_chunks`."""
+  x = jnp.moveaxis(x, 0, 2)
+  return x.reshape(x.shape[0], -1, *x.shape[3:])
+
+
+def _chunk_losses(x, w, targets, z_loss):
+  """Logits of one chunk and its per-token (loss, CE, log Z), all float32."""
+  logits = jnp.einsum("btd,dv->btv", x, w, preferred_element_type=jnp.float32)
+  log_z = jax.nn.logsumexp(logits, axis=-1)
+  ce = log_z - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  loss = ce + z_loss * jnp.square(log_z) if z_loss else ce
+  return logits, loss, ce, log_z
+
+
+def _head_sums(x, w, targets, weights, z_loss, count):
+  """Primal: (sum of weighted loss, sum of weighted CE), chunk by chunk."""
+  def body(sums, chunk):
+    x_c, t_c, w_c = chunk
+    _, loss, ce, _ = _chunk_losses(x_c, w, t_c, z_loss)
+    return (sums[0] + jnp.sum(loss * w_c), sums[1] + jnp.sum(ce * w_c)), loss
+  zero = jnp.zeros((), jnp.float32)
+  (loss_sum, ce_sum), losses = jax.lax.scan(
+      body, (zero, zero), (_chunks(x, count), _chunks(targets, count),
+                           _chunks(weights, count)))
+  return loss_sum, ce_sum, losses
+
+
+def _head_fwd(x, w, targets, weights, z_loss, count):
+  """Computes the loss and, chunk by chunk, its gradient: the chunk's
+  logits are used while they are still in cache and never all exist at
+  once. The gradient is exact for any cotangent, which only scales it."""
+  def body(carry, chunk):
+    sums, d_w = carry
+    x_c, t_c, w_c = chunk
+    logits, loss, ce, log_z = _chunk_losses(x_c, w, t_c, z_loss)
+    # d loss_c / d logits = w_c (softmax (1 + 2 z log Z) - onehot(target)).
+    scale = w_c * (1 + 2 * z_loss * log_z) if z_loss else w_c
+    d_logits = jnp.exp(logits - log_z[..., None]) * scale[..., None]
+    flat = d_logits.reshape(-1, d_logits.shape[-1])
+    flat = flat.at[jnp.arange(flat.shape[0]), t_c.reshape(-1)].add(
+        -w_c.reshape(-1), indices_are_sorted=True, unique_indices=True)
+    d_logits = flat.reshape(d_logits.shape).astype(x.dtype)
+    d_x = jnp.einsum("btv,dv->btd", d_logits, w,
+                     preferred_element_type=jnp.float32).astype(x.dtype)
+    d_w = d_w + jnp.einsum("btd,btv->dv", x_c, d_logits,
+                           preferred_element_type=jnp.float32)
+    sums = (sums[0] + jnp.sum(loss * w_c), sums[1] + jnp.sum(ce * w_c))
+    return (sums, d_w), (d_x, loss)
+  zero = jnp.zeros((), jnp.float32)
+  ((loss_sum, ce_sum), d_w), (d_x, losses) = jax.lax.scan(
+      body, ((zero, zero), jnp.zeros(w.shape, jnp.float32)),
+      (_chunks(x, count), _chunks(targets, count), _chunks(weights, count)))
+  return (loss_sum, ce_sum), (_unchunk(d_x), d_w.astype(w.dtype),
+                              _unchunk(losses))
+
+
+def _head_bwd(z_loss, count, residuals, cotangents):
+  del z_loss, count
+  d_x, d_w, losses = residuals
+  g = cotangents[0]  # the CE sum is a metric: its derivative is zero
+  return ((g * d_x).astype(d_x.dtype), (g * d_w).astype(d_w.dtype), None,
+          g * losses)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _head_cross_entropy(x, w, targets, weights, z_loss, count):
+  loss_sum, ce_sum, _ = _head_sums(x, w, targets, weights, z_loss, count)
+  return loss_sum, jax.lax.stop_gradient(ce_sum)
+
+
+_head_cross_entropy.defvjp(_head_fwd, _head_bwd)
+
+
+def head_cross_entropy(x: jax.Array, w: jax.Array, targets: jax.Array,
+                       weights: jax.Array, z_loss: float = 0.0,
+                       chunk_len: int = 0) -> tuple[jax.Array, jax.Array]:
+  """The output projection and the weighted loss, without the logits tensor.
+
+  x [B, T, D] final hidden states, w [D, V] the output projection (both in
+  the compute dtype), targets [B, T] int, weights [B, T]. Returns float32
+  (sum of weights * (CE + z_loss * log Z^2), sum of weights * CE); the second
+  is a metric whose derivative is taken as zero.
+
+  The sequence is processed `chunk_len` positions at a time (0: all at
+  once), so the float32 logits of one chunk exist at a time (2 GiB -> 2 GiB /
+  chunks at batch 8 x 2048 x 32k). Under differentiation the gradient is
+  formed in the same pass, while the chunk's logits are hot, instead of in a
+  second pass over stored logits; the result equals autodiff's up to float
+  rounding (tests/test_losses.py).
+  """
+  t = x.shape[1]
+  chunk_len = chunk_len or t
+  if t % chunk_len:
+    raise ValueError(f"sequence length {t} is not a multiple of the loss "
+                     f"chunk length {chunk_len} (model.loss_chunk_len)")
+  return _head_cross_entropy(x, w, jnp.asarray(targets),
+                             weights.astype(jnp.float32), float(z_loss),
+                             t // chunk_len)

@@ -25,7 +25,7 @@ import optax
 from flax import nnx
 
 from mllm_jax.parallel.sharding import constrain
-from mllm_jax.train.losses import token_cross_entropy
+from mllm_jax.train.losses import head_cross_entropy
 
 Batch = dict[str, jax.Array]
 TrainState = dict[str, Any]  # params, opt_state, step, bad_steps, bad_streak
@@ -46,13 +46,13 @@ def weighted_loss_sums(graphdef: nnx.GraphDef, params: nnx.State,
                        batch: Batch, z_loss: float = 0.0):
   """(sum of weighted loss incl. z-loss, (sum of weights, sum of weighted CE))."""
   model = nnx.merge(graphdef, params)
-  logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+  x, _ = model.hidden_states(batch["inputs"], batch["positions"],
+                             batch["segment_ids"])
   weights = batch["loss_weights"].astype(jnp.float32)
-  ce = token_cross_entropy(logits, batch["targets"])
-  loss = ce
-  if z_loss:
-    loss = token_cross_entropy(logits, batch["targets"], z_loss)
-  return jnp.sum(loss * weights), (jnp.sum(weights), jnp.sum(ce * weights))
+  loss_sum, ce_sum = head_cross_entropy(
+      x, model.head_weight(), batch["targets"], weights, z_loss,
+      model.cfg.loss_chunk_len)
+  return loss_sum, (jnp.sum(weights), ce_sum)
 
 
 def split_micro_batches(batch: Batch, count: int) -> Batch:

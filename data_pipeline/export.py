@@ -224,12 +224,16 @@ def write_mixture(sources: Sequence[tuple[str, Sequence[str], float]],
     picks = picks[np.argsort(plan.index[picks], kind="stable")]
     want = plan.index[picks]
     j = 0
-    for i, doc in enumerate(d for p in paths for d in iter_shard(p)):
+    docs = (d for p in paths for d in iter_shard(p))
+    for i, doc in enumerate(docs if len(picks) else ()):
       while j < len(picks) and want[j] == i:
         line = json.dumps([float(plan.key[picks[j]]), doc.to_json()],
                           ensure_ascii=False, sort_keys=True)
         files[bucket_of[picks[j]]].write(line + "\n")
         j += 1
+      if j == len(picks):  # the last pick is written: read no further
+        break
+    docs.close()
   for f in files:
     f.close()
   writer = ShardWriter(out_dir, "mixed", docs_per_shard, fmt)

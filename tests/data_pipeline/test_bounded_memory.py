@@ -14,7 +14,7 @@ import pytest
 
 from configs.data import refinedweb
 from data_pipeline import config as config_lib
-from data_pipeline import corpus
+from data_pipeline import corpus, export
 from data_pipeline.document import Document
 from data_pipeline.export import (Source, doc_line, mix, read_shard,
                                   write_mixture, write_shards)
@@ -151,6 +151,27 @@ def test_streamed_mixture_equals_the_in_memory_mixture(tmp_path):
   assert back == [d.id for d in expected] and len(back) == 400
   summary = json.load(open(tmp_path / "mixed" / "mixture.json"))
   assert summary["b"]["docs"] == 160 and summary["b"]["epochs"] == 1.6
+
+
+def test_mixture_reads_a_source_only_up_to_its_last_pick(tmp_path,
+                                                         monkeypatch):
+  texts = [f"document {i}" for i in range(500)]
+  docs = [Document(f"a{i}", "", t) for i, t in enumerate(texts)]
+  paths = write_shards(docs, str(tmp_path / "a"), "a", 50)
+  read, original = [], export.iter_shard
+
+  def counting(path):
+    for doc in original(path):
+      read.append(doc.id)
+      yield doc
+
+  monkeypatch.setattr(export, "iter_shard", counting)
+  got = write_mixture([("a", paths, 1.0)], 1.0, 20, 5,
+                      str(tmp_path / "mixed"))
+  plan = export.plan_mixture([500], [1.0], [1.0], ["a"], 20, 5)
+  last = int(plan.index.max())
+  assert got["a"]["docs"] == 20 and last < 499
+  assert len(read) == last + 1  # no document parsed past the last pick
 
 
 def test_fuzzy_dedup_method_is_selectable(tmp_path):

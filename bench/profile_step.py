@@ -1,0 +1,141 @@
+r"""Where the CPU training step's time goes: op time per part of the model.
+
+  JAX_PLATFORMS=cpu python bench/profile_step.py [--steps=3] [--no-custom_vjp]
+
+Traces the forward and backward pass of bench/train_step.py's model (same
+config, batch, XLA flags and allocator settings) with `jax.profiler`, then
+sums each compiled op's time by the part of the model it belongs to, read from
+the op's HLO metadata (its einsum) or, for elementwise ops, its output shape.
+The thunk executor overlaps independent ops on the cores, so the op times add
+up to more than the wall time: each part's share of the op time is printed,
+and that share of the wall time. docs/benchmarks.md uses it to find the
+slow part.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import train_step as bench  # noqa: E402  pylint: disable=wrong-import-position
+
+# Part of the model -> einsums (our layers' specs and their transposes).
+PARTS = {
+    "attention core": ("bhts", "bkgts"),
+    "SwiGLU MLP": ("dh->bth", "hd->btd", "bth->dh", "btd->hd", "bth,"),
+    "q/k/v/o projections": ("dhk->bthk", "hkd->btd", "bthk,", "btd,bthk"),
+    "output projection + loss": ("dv->btv", "dv->btd", "btv->dv", "btd,btv"),
+}
+
+
+def part_of(op_name: str, shape: str, cfg) -> str:
+  for part, specs in PARTS.items():
+    if any(spec in op_name for spec in specs):
+      return part
+  # Elementwise ops and layout copies: by output shape, e.g. f32[8,8,256,64].
+  inside = shape.split("[")[-1].split("]")[0]
+  dims = tuple(int(d) for d in re.findall(r"\d+", inside))
+  if len(dims) == 4 and dims[1] == cfg.num_heads:  # [B, H, T|D, S|D]
+    return "attention core"
+  if cfg.hidden_dim in dims:
+    return "SwiGLU MLP"
+  if cfg.vocab_size in dims:
+    return "output projection + loss"
+  if {cfg.embed_dim, cfg.num_heads, cfg.head_size} <= set(dims):
+    return "q/k/v/o projections"  # their weights and weight gradients
+  return "norms, residuals, RoPE, other"
+
+
+def compiled_ops(hlo: str) -> dict[str, tuple[str, str]]:
+  """Top-level op name -> (output shape, metadata op_name)."""
+  ops = {}
+  for line in hlo.split("ENTRY", 1)[-1].splitlines():
+    match = re.match(r"\s+%(\S+) = (\S+) ", line)
+    if match:
+      op_name = re.search(r'op_name="([^"]+)"', line)
+      ops[match.group(1)] = (match.group(2),
+                             op_name.group(1) if op_name else "")
+  return ops
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--steps", type=int, default=3, help="traced steps")
+  parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--seq", type=int, default=256)
+  parser.add_argument("--custom_vjp", default=True,
+                      action=argparse.BooleanOptionalAction)
+  parser.add_argument("--xla_flags", default=bench.TUNED_XLA_FLAGS)
+  args = parser.parse_args()
+  bench.configure_xla(os.cpu_count(),
+                      args.xla_flags + " --xla_cpu_enable_xprof_traceme")
+  # pylint: disable=import-outside-toplevel
+  from mllm_jax.runtime import keep_freed_memory
+  keep_freed_memory()
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  from mllm_jax.modeling import Decoder
+  from mllm_jax.train import step as train_step
+  from mllm_jax.train.metrics import train_flops_per_token
+  # pylint: enable=import-outside-toplevel
+
+  cfg = bench.model_config(args.seq, scan_unroll=bench.LAYERS,
+                           custom_vjp=args.custom_vjp)
+  graphdef, params = nnx.split(Decoder(cfg, rngs=nnx.Rngs(0)))
+  tokens = bench.token_batches(1, args.batch, args.seq)[0]
+  b, t = args.batch, args.seq
+  batch = {"inputs": jnp.asarray(tokens[:, :-1]),
+           "targets": jnp.asarray(tokens[:, 1:]),
+           "loss_weights": jnp.ones((b, t), jnp.float32),
+           "segment_ids": jnp.ones((b, t), jnp.int32),
+           "positions": jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32),
+                                         (b, t))}
+  grad = jax.jit(jax.grad(
+      lambda p, x: train_step.weighted_loss_sums(graphdef, p, x)[0]))
+  for _ in range(2):  # compile, warm the allocator
+    jax.block_until_ready(grad(params, batch))
+  ops = compiled_ops(grad.lower(params, batch).compile().as_text())
+
+  with tempfile.TemporaryDirectory() as trace_dir:
+    jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+      jax.block_until_ready(grad(params, batch))
+    wall = (time.perf_counter() - start) / args.steps
+    jax.profiler.stop_trace()
+    trace_file, = glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True)
+    with gzip.open(trace_file) as f:
+      events = json.load(f)
+  events = events["traceEvents"] if isinstance(events, dict) else events
+
+  per_part = collections.Counter()
+  for event in events:
+    if event.get("ph") == "X" and event.get("name") in ops:
+      shape, op_name = ops[event["name"]]
+      per_part[part_of(op_name, shape, cfg)] += event["dur"] / 1e6
+  op_time = sum(per_part.values()) / args.steps
+  flops = train_flops_per_token(cfg, t) * b * t
+  print(f"forward + backward, batch {b} x seq {t}, custom_vjp "
+        f"{cfg.custom_vjp}: wall {wall * 1e3:.0f} ms per step, op time "
+        f"{op_time * 1e3:.0f} ms ({op_time / wall:.2f}x overlap), model "
+        f"{flops / wall / 1e9:.0f} GFLOP/s")
+  for part, seconds in per_part.most_common():
+    share = seconds / args.steps / op_time
+    print(f"  {part:28s} {share:6.1%} of op time, ~{share * wall * 1e3:5.0f}"
+          f" ms of the step")
+
+
+if __name__ == "__main__":
+  main()

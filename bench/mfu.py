@@ -28,6 +28,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from mllm_jax.configlib import ConfigError  # noqa: E402
 from mllm_jax.modeling import Decoder, ModelConfig, count_params  # noqa: E402
 from mllm_jax.parallel.mesh import ParallelConfig, make_mesh  # noqa: E402
 from mllm_jax.parallel.sharding import create_sharded, use_mesh  # noqa: E402
@@ -89,20 +90,32 @@ def main():
   parser.add_argument("--remat", default="none",
                       choices=("none", "full", "save_dots", "offload_dots"))
   parser.add_argument("--dtype", default="bfloat16")
+  parser.add_argument("--loss_chunk_len", type=int, default=0,
+                      help="model.loss_chunk_len: positions per chunk of "
+                      "the output projection + loss (0: the whole sequence)")
+  parser.add_argument("--custom_vjp", action="store_true",
+                      help="model.custom_vjp: hand-written backward passes "
+                      "(the 'xla' attention backend, SwiGLU, RMSNorm)")
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--warmup", type=int, default=3)
   args = parser.parse_args()
 
   cfg = ModelConfig(**PRESETS[args.preset], max_seq_len=args.seq,
                     attention_backend=args.attention, remat=args.remat,
-                    dtype=args.dtype)
-  cfg.validate()
-  cfg.check_platform()
+                    dtype=args.dtype, loss_chunk_len=args.loss_chunk_len,
+                    custom_vjp=args.custom_vjp)
+  try:
+    cfg.validate()
+    cfg.check_platform()
+    cfg.check_seq_len(args.seq, "--seq")
+  except ConfigError as e:
+    sys.exit(f"error: {e}")
   batch = packed_batch(args.batch, args.seq, cfg.vocab_size)
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}; "
         f"{args.preset}: {count_params(cfg):,} parameters; batch "
         f"{args.batch} x {args.seq}; attention {args.attention}; remat "
-        f"{args.remat}; compute {args.dtype}", flush=True)
+        f"{args.remat}; compute {args.dtype}; loss_chunk_len "
+        f"{args.loss_chunk_len}; custom_vjp {args.custom_vjp}", flush=True)
   if args.attention != "xla":
     print(f"{args.attention} vs xla logits, relative max difference: "
           f"{check_backend(cfg, batch):.2e}", flush=True)

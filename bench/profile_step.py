@@ -84,7 +84,6 @@ def main() -> None:
   from mllm_jax.runtime import keep_freed_memory
   keep_freed_memory()
   import jax
-  import jax.numpy as jnp
   from flax import nnx
   from mllm_jax.modeling import Decoder
   from mllm_jax.train import step as train_step
@@ -94,14 +93,8 @@ def main() -> None:
   cfg = bench.model_config(args.seq, scan_unroll=bench.LAYERS,
                            custom_vjp=args.custom_vjp)
   graphdef, params = nnx.split(Decoder(cfg, rngs=nnx.Rngs(0)))
-  tokens = bench.token_batches(1, args.batch, args.seq)[0]
   b, t = args.batch, args.seq
-  batch = {"inputs": jnp.asarray(tokens[:, :-1]),
-           "targets": jnp.asarray(tokens[:, 1:]),
-           "loss_weights": jnp.ones((b, t), jnp.float32),
-           "segment_ids": jnp.ones((b, t), jnp.int32),
-           "positions": jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32),
-                                         (b, t))}
+  batch = jax.device_put(bench.train_batch(bench.token_batches(1, b, t)[0]))
   grad = jax.jit(jax.grad(
       lambda p, x: train_step.weighted_loss_sums(graphdef, p, x)[0]))
   for _ in range(2):  # compile, warm the allocator

@@ -90,6 +90,18 @@ def token_batches(count: int, batch: int, seq: int) -> list[np.ndarray]:
           for _ in range(count)]
 
 
+def train_batch(tokens: np.ndarray) -> dict[str, np.ndarray]:
+  """A [batch, seq + 1] token array as the trainer's batch (one document per
+  row, every target weighted)."""
+  b, t = tokens.shape[0], tokens.shape[1] - 1
+  return {
+      "inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+      "loss_weights": np.ones((b, t), np.float32),
+      "segment_ids": np.ones((b, t), np.int32),
+      "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)),
+  }
+
+
 def build_ours(cfg, opt_cfg, total_steps: int):
   """Our train step, set up as `mllm_jax.train.trainer.train` does it (mesh
   over the one device, sharded state, `jit_train_step`: shardings in and
@@ -125,15 +137,9 @@ def build_ours(cfg, opt_cfg, total_steps: int):
 
   def step(tokens: np.ndarray) -> float:
     nonlocal state
-    b, t = tokens.shape[0], tokens.shape[1] - 1
-    batch = {
-        "inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-        "loss_weights": np.ones((b, t), np.float32),
-        "segment_ids": np.ones((b, t), np.int32),
-        "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)),
-    }
+    batch = jax.device_put(train_batch(tokens), batch_shardings)
     with use_mesh(mesh, rules):
-      state, out = step_fn(state, jax.device_put(batch, batch_shardings))
+      state, out = step_fn(state, batch)
     return float(out["loss"])  # waits for the whole step
 
   return step, hf_weights

@@ -82,11 +82,8 @@ class Decoder(nnx.Module):
     """
     x, cache = self.hidden_states(tokens, positions, segment_ids, prefix_mask,
                                   cache)
-    if self.cfg.tie_embeddings:
-      logits = self.embed.attend(x)
-    else:
-      logits = jnp.einsum("btd,dv->btv", x, self.head_weight(),
-                          preferred_element_type=jnp.float32)
+    logits = jnp.einsum("btd,dv->btv", x, self.head_weight(),
+                        preferred_element_type=jnp.float32)
     logits = constrain(logits, ("act_batch", "act_length", "act_vocab"))
     return logits if cache is None else (logits, cache)
 

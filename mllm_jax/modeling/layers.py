@@ -149,9 +149,6 @@ class Embed(nnx.Module):
     table = constrain(self.table[...].astype(self.dtype), (None, None))
     return jnp.take(table, tokens, axis=0)
 
-  def attend(self, x: jax.Array) -> jax.Array:
-    return jnp.einsum("btd,vd->btv", x, self.table[...].astype(self.dtype),
-                      preferred_element_type=jnp.float32)
 
 
 # ----------------------------------------------------------------------------

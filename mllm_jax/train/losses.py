@@ -82,8 +82,7 @@ def _unchunk(x: jax.Array) -> jax.Array:
 def _chunk_losses(x, w, targets, z_loss):
   """Logits of one chunk and its per-token (loss, CE, log Z), all float32."""
   logits = jnp.einsum("btd,dv->btv", x, w, preferred_element_type=jnp.float32)
-  log_z = jax.nn.logsumexp(logits, axis=-1)
-  ce = log_z - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  ce, (_, _, log_z) = _cross_entropy_fwd(logits, targets, 0.0)
   loss = ce + z_loss * jnp.square(log_z) if z_loss else ce
   return logits, loss, ce, log_z
 
@@ -93,12 +92,11 @@ def _head_sums(x, w, targets, weights, z_loss, count):
   def body(sums, chunk):
     x_c, t_c, w_c = chunk
     _, loss, ce, _ = _chunk_losses(x_c, w, t_c, z_loss)
-    return (sums[0] + jnp.sum(loss * w_c), sums[1] + jnp.sum(ce * w_c)), loss
+    return (sums[0] + jnp.sum(loss * w_c), sums[1] + jnp.sum(ce * w_c)), None
   zero = jnp.zeros((), jnp.float32)
-  (loss_sum, ce_sum), losses = jax.lax.scan(
-      body, (zero, zero), (_chunks(x, count), _chunks(targets, count),
-                           _chunks(weights, count)))
-  return loss_sum, ce_sum, losses
+  sums, _ = jax.lax.scan(body, (zero, zero), (
+      _chunks(x, count), _chunks(targets, count), _chunks(weights, count)))
+  return sums
 
 
 def _head_fwd(x, w, targets, weights, z_loss, count):
@@ -109,13 +107,9 @@ def _head_fwd(x, w, targets, weights, z_loss, count):
     sums, d_w = carry
     x_c, t_c, w_c = chunk
     logits, loss, ce, log_z = _chunk_losses(x_c, w, t_c, z_loss)
-    # d loss_c / d logits = w_c (softmax (1 + 2 z log Z) - onehot(target)).
-    scale = w_c * (1 + 2 * z_loss * log_z) if z_loss else w_c
-    d_logits = jnp.exp(logits - log_z[..., None]) * scale[..., None]
-    flat = d_logits.reshape(-1, d_logits.shape[-1])
-    flat = flat.at[jnp.arange(flat.shape[0]), t_c.reshape(-1)].add(
-        -w_c.reshape(-1), indices_are_sorted=True, unique_indices=True)
-    d_logits = flat.reshape(d_logits.shape).astype(x.dtype)
+    # The per-token loss's backward with each token's weight as cotangent.
+    d_logits, _ = _cross_entropy_bwd(z_loss, (logits, t_c, log_z), w_c)
+    d_logits = d_logits.astype(x.dtype)
     d_x = jnp.einsum("btv,dv->btd", d_logits, w,
                      preferred_element_type=jnp.float32).astype(x.dtype)
     d_w = d_w + jnp.einsum("btd,btv->dv", x_c, d_logits,
@@ -140,7 +134,7 @@ def _head_bwd(z_loss, count, residuals, cotangents):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _head_cross_entropy(x, w, targets, weights, z_loss, count):
-  loss_sum, ce_sum, _ = _head_sums(x, w, targets, weights, z_loss, count)
+  loss_sum, ce_sum = _head_sums(x, w, targets, weights, z_loss, count)
   return loss_sum, jax.lax.stop_gradient(ce_sum)
 
 

@@ -136,7 +136,8 @@ class MLP(nnx.Module):
 
 
 class Embed(nnx.Module):
-  """Token embedding; `attend` is the tied LM head (logits in float32)."""
+  """Token embedding. With tied embeddings its table is also the output
+  projection (`Decoder.head_weight`)."""
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     self.table = param(rngs, (cfg.vocab_size, cfg.embed_dim),
@@ -148,7 +149,6 @@ class Embed(nnx.Module):
     # a batch-sharded lookup cannot be partitioned over a sharded table.
     table = constrain(self.table[...].astype(self.dtype), (None, None))
     return jnp.take(table, tokens, axis=0)
-
 
 
 # ----------------------------------------------------------------------------

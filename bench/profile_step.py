@@ -10,6 +10,19 @@ The thunk executor overlaps independent ops on the cores, so the op times add
 up to more than the wall time: each part's share of the op time is printed,
 and that share of the wall time. docs/benchmarks.md uses it to find the
 slow part.
+
+Op time double-counts ops that overlap, so an ablation follows: the
+forward and backward compiled again with one part replaced by a cheap
+stand-in that keeps its inputs alive (the SwiGLU block by a scaling of its
+input, the attention core by a sum of q, k and v), all variants run in turn
+in the same process, and the median per-round difference is that part's cost
+in the step (--ablation_rounds=0 skips it).
+
+It then times the model's SwiGLU block alone (`layers.swiglu`, forward and
+backward on the same activations, best of --block_repeats) against the
+float32 matmul peak measured beside it. The block holds most of the model's
+FLOPs in its largest GEMMs, so its share of the peak is a ceiling for the
+whole step's MFU on this machine.
 """
 
 from __future__ import annotations
@@ -21,6 +34,7 @@ import gzip
 import json
 import os
 import re
+import statistics
 import sys
 import tempfile
 import time
@@ -77,6 +91,10 @@ def main() -> None:
   parser.add_argument("--custom_vjp", default=True,
                       action=argparse.BooleanOptionalAction)
   parser.add_argument("--xla_flags", default=bench.TUNED_XLA_FLAGS)
+  parser.add_argument("--ablation_rounds", type=int, default=10,
+                      help="interleaved rounds of the ablation")
+  parser.add_argument("--block_repeats", type=int, default=20,
+                      help="timed runs of the SwiGLU block alone")
   args = parser.parse_args()
   bench.configure_xla(os.cpu_count(),
                       args.xla_flags + " --xla_cpu_enable_xprof_traceme")
@@ -128,6 +146,90 @@ def main() -> None:
     share = seconds / args.steps / op_time
     print(f"  {part:28s} {share:6.1%} of op time, ~{share * wall * 1e3:5.0f}"
           f" ms of the step")
+  if args.ablation_rounds:
+    ablation(cfg, graphdef, params, batch, args.ablation_rounds)
+  swiglu_ceiling(cfg, b, t, args.block_repeats)
+
+
+def ablation(cfg, graphdef, params, batch, rounds: int) -> None:
+  """Prints each part's cost in the forward + backward step: the median
+  per-round time saved by replacing it with a stand-in."""
+  # pylint: disable=import-outside-toplevel
+  import jax
+  from mllm_jax.modeling import attention, layers
+  from mllm_jax.train import step as train_step
+  # pylint: enable=import-outside-toplevel
+  if not cfg.custom_vjp or cfg.kv_heads != cfg.num_heads:
+    print("ablation skipped: it replaces the custom-VJP SwiGLU and the "
+          "multi-head attention core")
+    return
+  stand_ins = {
+      "SwiGLU MLP": (layers, "swiglu",
+                     lambda x, w_gate, w_up, w_down: x * 1.001),
+      "attention core": (attention, "custom_vjp_attention",
+                         lambda q, k, v, mask, bias=None: q + k / 2 + v / 4),
+  }
+
+  def compile_grad():
+    loss = lambda p, x: train_step.weighted_loss_sums(graphdef, p, x)[0]
+    return jax.jit(jax.grad(loss)).lower(params, batch).compile()
+
+  variants = {"whole step": compile_grad()}
+  for part, (module, name, stand_in) in stand_ins.items():
+    original = getattr(module, name)
+    setattr(module, name, stand_in)
+    try:
+      variants[f"without {part}"] = compile_grad()
+    finally:
+      setattr(module, name, original)
+  times = {name: [] for name in variants}
+  order = list(variants)
+  for i in range(rounds + 1):  # the first round warms up
+    for name in order if i % 2 else order[::-1]:
+      start = time.perf_counter()
+      jax.block_until_ready(variants[name](params, batch))
+      if i:
+        times[name].append(time.perf_counter() - start)
+  whole = times["whole step"]
+  print(f"ablation ({rounds} interleaved rounds): whole step median "
+        f"{statistics.median(whole) * 1e3:.0f} ms")
+  for part in stand_ins:
+    saved = [a - b for a, b in zip(whole, times[f"without {part}"])]
+    print(f"  {part:28s} costs {statistics.median(saved) * 1e3:5.0f} ms of "
+          f"the step ({statistics.median(saved) / statistics.median(whole):.0%})")
+
+
+def swiglu_ceiling(cfg, batch: int, seq: int, repeats: int) -> None:
+  """Prints the SwiGLU block's forward + backward FLOP/s alone, as a share of
+  the matmul peak measured alternately with it (best of each)."""
+  # pylint: disable=import-outside-toplevel
+  import jax
+  from mllm_jax.modeling.layers import swiglu
+  from mllm_jax.train.metrics import measure_cpu_peak_flops
+  # pylint: enable=import-outside-toplevel
+  d, h = cfg.embed_dim, cfg.hidden_dim
+  keys = jax.random.split(jax.random.key(0), 5)
+  x, d_out = (jax.random.normal(k, (batch, seq, d)) for k in keys[:2])
+  weights = [jax.random.normal(k, shape) / shape[0] ** 0.5
+             for k, shape in zip(keys[2:], [(d, h), (d, h), (h, d)])]
+
+  @jax.jit
+  def fwd_bwd(x, *weights):
+    _, pull = jax.vjp(swiglu, x, *weights)
+    return pull(d_out)
+
+  jax.block_until_ready(fwd_bwd(x, *weights))
+  best, peak = float("inf"), 0.0
+  for _ in range(repeats):  # alternate, so both bests see the same host
+    start = time.perf_counter()
+    jax.block_until_ready(fwd_bwd(x, *weights))
+    best = min(best, time.perf_counter() - start)
+    peak = max(peak, measure_cpu_peak_flops(repeats=1))
+  flops = 9 * 2 * batch * seq * d * h  # 3 GEMMs forward, 6 backward
+  print(f"SwiGLU block alone, forward + backward (9 GEMMs of {batch * seq}"
+        f"x{d}x{h}): {best * 1e3:.1f} ms, {flops / best / 1e9:.0f} GFLOP/s ="
+        f" {flops / best / peak:.1%} of the {peak / 1e9:.0f} GFLOP/s matmul"
+        f" peak (a ceiling for the step's MFU)")
 
 
 if __name__ == "__main__":

@@ -20,9 +20,9 @@ in the step (--ablation_rounds=0 skips it).
 
 It then times the model's SwiGLU block alone (`layers.swiglu`, forward and
 backward on the same activations, best of --block_repeats) against the
-float32 matmul peak measured beside it. The block holds most of the model's
-FLOPs in its largest GEMMs, so its share of the peak is a ceiling for the
-whole step's MFU on this machine.
+float32 matmul peak measured alternately with it. The block holds most of
+the model's FLOPs in its largest GEMMs, so its rate is what the whole step
+could reach here if nothing but those GEMMs took time.
 """
 
 from __future__ import annotations
@@ -229,7 +229,7 @@ def swiglu_ceiling(cfg, batch: int, seq: int, repeats: int) -> None:
   print(f"SwiGLU block alone, forward + backward (9 GEMMs of {batch * seq}"
         f"x{d}x{h}): {best * 1e3:.1f} ms, {flops / best / 1e9:.0f} GFLOP/s ="
         f" {flops / best / peak:.1%} of the {peak / 1e9:.0f} GFLOP/s matmul"
-        f" peak (a ceiling for the step's MFU)")
+        f" peak")
 
 
 if __name__ == "__main__":

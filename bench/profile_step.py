@@ -194,9 +194,10 @@ def ablation(cfg, graphdef, params, batch, rounds: int) -> None:
   print(f"ablation ({rounds} interleaved rounds): whole step median "
         f"{statistics.median(whole) * 1e3:.0f} ms")
   for part in stand_ins:
-    saved = [a - b for a, b in zip(whole, times[f"without {part}"])]
-    print(f"  {part:28s} costs {statistics.median(saved) * 1e3:5.0f} ms of "
-          f"the step ({statistics.median(saved) / statistics.median(whole):.0%})")
+    saved = statistics.median(
+        [a - b for a, b in zip(whole, times[f"without {part}"])])
+    print(f"  {part:28s} costs {saved * 1e3:5.0f} ms of the step "
+          f"({saved / statistics.median(whole):.0%})")
 
 
 def swiglu_ceiling(cfg, batch: int, seq: int, repeats: int) -> None:

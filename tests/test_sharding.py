@@ -1,5 +1,7 @@
 """Sharding by logical names: every mesh computes the single-device result."""
 
+from dataclasses import replace
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,6 +19,7 @@ from tests.helpers import rel_err, tiny_config
 
 CFG = tiny_config("tiny", num_heads=8, num_kv_heads=4)
 TOKENS = np.random.RandomState(0).randint(0, CFG.vocab_size, (8, 16))
+MESHES = [(1, 1, 1), (8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)]
 
 
 def loss_and_grads(graphdef, state, tokens):
@@ -27,23 +30,44 @@ def loss_and_grads(graphdef, state, tokens):
   return value, logits, grads
 
 
-@pytest.fixture(scope="module")
-def single_device():
-  model = Decoder(CFG, rngs=nnx.Rngs(0))
+def single_device_result(cfg):
+  model = Decoder(cfg, rngs=nnx.Rngs(0))
   graphdef, state = nnx.split(model)
   return graphdef, state, jax.jit(loss_and_grads, static_argnums=0)(
       graphdef, state, TOKENS)
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 1), (8, 1, 1), (1, 8, 1), (2, 2, 2),
-                                   (1, 2, 4)])
+@pytest.fixture(scope="module")
+def single_device():
+  return single_device_result(CFG)
+
+
+@pytest.fixture(scope="module")
+def single_device_custom_vjp():
+  return single_device_result(replace(CFG, custom_vjp=True))
+
+
+@pytest.mark.parametrize("shape", MESHES)
 def test_mesh_matches_single_device(shape, single_device):
-  graphdef, _, (want_loss, want_logits, want_grads) = single_device
+  check_mesh_matches(CFG, shape, single_device)
+
+
+@pytest.mark.parametrize("shape", MESHES[3:])
+def test_custom_vjp_mesh_matches_single_device(shape,
+                                               single_device_custom_vjp):
+  """The hand-written backward passes (heads-major attention core, SwiGLU,
+  RMSNorm) shard like autodiff's."""
+  check_mesh_matches(replace(CFG, custom_vjp=True), shape,
+                     single_device_custom_vjp)
+
+
+def check_mesh_matches(cfg, shape, single):
+  graphdef, _, (want_loss, want_logits, want_grads) = single
   data, fsdp, tensor = shape
   parallel = ParallelConfig(data=data, fsdp=fsdp, tensor=tensor)
   devices = jax.devices()[:data * fsdp * tensor]
   mesh = make_mesh(parallel, devices)
-  model = create_sharded(lambda: Decoder(CFG, rngs=nnx.Rngs(0)), mesh,
+  model = create_sharded(lambda: Decoder(cfg, rngs=nnx.Rngs(0)), mesh,
                          parallel.rules)
   _, state = nnx.split(model)
   batch = jax.device_put(TOKENS, NamedSharding(mesh, P(("data", "fsdp"))))

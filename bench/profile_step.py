@@ -104,7 +104,6 @@ def main() -> None:
   import jax
   from flax import nnx
   from mllm_jax.modeling import Decoder
-  from mllm_jax.train import step as train_step
   from mllm_jax.train.metrics import train_flops_per_token
   # pylint: enable=import-outside-toplevel
 
@@ -113,11 +112,10 @@ def main() -> None:
   graphdef, params = nnx.split(Decoder(cfg, rngs=nnx.Rngs(0)))
   b, t = args.batch, args.seq
   batch = jax.device_put(bench.train_batch(bench.token_batches(1, b, t)[0]))
-  grad = jax.jit(jax.grad(
-      lambda p, x: train_step.weighted_loss_sums(graphdef, p, x)[0]))
-  for _ in range(2):  # compile, warm the allocator
+  grad = compile_grad(graphdef, params, batch)
+  for _ in range(2):  # warm the allocator
     jax.block_until_ready(grad(params, batch))
-  ops = compiled_ops(grad.lower(params, batch).compile().as_text())
+  ops = compiled_ops(grad.as_text())
 
   with tempfile.TemporaryDirectory() as trace_dir:
     jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
@@ -151,13 +149,22 @@ def main() -> None:
   swiglu_ceiling(cfg, b, t, args.block_repeats)
 
 
+def compile_grad(graphdef, params, batch):
+  """The model's forward + backward (the train step's loss), compiled once."""
+  # pylint: disable=import-outside-toplevel
+  import jax
+  from mllm_jax.train import step as train_step
+  # pylint: enable=import-outside-toplevel
+  loss = lambda p, x: train_step.weighted_loss_sums(graphdef, p, x)[0]
+  return jax.jit(jax.grad(loss)).lower(params, batch).compile()
+
+
 def ablation(cfg, graphdef, params, batch, rounds: int) -> None:
   """Prints each part's cost in the forward + backward step: the median
   per-round time saved by replacing it with a stand-in."""
   # pylint: disable=import-outside-toplevel
   import jax
   from mllm_jax.modeling import attention, layers
-  from mllm_jax.train import step as train_step
   # pylint: enable=import-outside-toplevel
   if not cfg.custom_vjp or cfg.kv_heads != cfg.num_heads:
     print("ablation skipped: it replaces the custom-VJP SwiGLU and the "
@@ -170,16 +177,12 @@ def ablation(cfg, graphdef, params, batch, rounds: int) -> None:
                          lambda q, k, v, mask, bias=None: q + k / 2 + v / 4),
   }
 
-  def compile_grad():
-    loss = lambda p, x: train_step.weighted_loss_sums(graphdef, p, x)[0]
-    return jax.jit(jax.grad(loss)).lower(params, batch).compile()
-
-  variants = {"whole step": compile_grad()}
+  variants = {"whole step": compile_grad(graphdef, params, batch)}
   for part, (module, name, stand_in) in stand_ins.items():
     original = getattr(module, name)
     setattr(module, name, stand_in)
     try:
-      variants[f"without {part}"] = compile_grad()
+      variants[f"without {part}"] = compile_grad(graphdef, params, batch)
     finally:
       setattr(module, name, original)
   times = {name: [] for name in variants}

@@ -18,6 +18,7 @@ from mllm_jax.train.losses import token_cross_entropy
 from tests.helpers import rel_err, tiny_config
 
 CFG = tiny_config("tiny", num_heads=8, num_kv_heads=4)
+CFG_CUSTOM_VJP = replace(CFG, custom_vjp=True)
 TOKENS = np.random.RandomState(0).randint(0, CFG.vocab_size, (8, 16))
 MESHES = [(1, 1, 1), (8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)]
 
@@ -44,7 +45,7 @@ def single_device():
 
 @pytest.fixture(scope="module")
 def single_device_custom_vjp():
-  return single_device_result(replace(CFG, custom_vjp=True))
+  return single_device_result(CFG_CUSTOM_VJP)
 
 
 @pytest.mark.parametrize("shape", MESHES)
@@ -57,8 +58,7 @@ def test_custom_vjp_mesh_matches_single_device(shape,
                                                single_device_custom_vjp):
   """The hand-written backward passes (heads-major attention core, SwiGLU,
   RMSNorm) shard like autodiff's."""
-  check_mesh_matches(replace(CFG, custom_vjp=True), shape,
-                     single_device_custom_vjp)
+  check_mesh_matches(CFG_CUSTOM_VJP, shape, single_device_custom_vjp)
 
 
 def check_mesh_matches(cfg, shape, single):

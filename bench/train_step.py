@@ -2,7 +2,8 @@ r"""Training-step speed on CPU: our jitted train step vs transformers + torch
 AdamW, same model, same weights, same data, same run.
 
   JAX_PLATFORMS=cpu python bench/train_step.py [--steps=10] [--warmup=2]
-      [--batch=8] [--seq=256] [--threads=N] [--attn=sdpa]
+      [--batch=8] [--seq=256] [--threads=N] [--attention=cpu_fused]
+      [--attn=sdpa]
 
 The model is LLaMA with 8 layers, d=512, 8 heads, SwiGLU 1408, vocab 8192
 (~34M parameters). Both sides train in float32 with AdamW(0.9, 0.95, eps
@@ -211,6 +212,10 @@ def main() -> None:
                       action=argparse.BooleanOptionalAction,
                       help="model.custom_vjp: hand-written backward passes "
                       "(same gradients up to float rounding)")
+  parser.add_argument("--attention", default="cpu_fused",
+                      choices=("cpu_fused", "xla"),
+                      help="model.attention_backend: the fused C++ CPU "
+                      "kernel, or XLA's einsums")
   parser.add_argument("--attn", default="sdpa", choices=("sdpa", "eager"),
                       help="transformers attention implementation")
   parser.add_argument("--xla_flags", default=TUNED_XLA_FLAGS,
@@ -234,7 +239,8 @@ def main() -> None:
   # pylint: enable=import-outside-toplevel
   torch.set_num_threads(args.threads)
   cfg = model_config(args.seq, scan_unroll=args.scan_unroll,
-                     custom_vjp=args.custom_vjp)
+                     custom_vjp=args.custom_vjp,
+                     attention_backend=args.attention)
   total_steps = args.warmup + args.steps
   opt_cfg = optim.OptimizerConfig(warmup_steps=max(total_steps // 2, 1))
   ours, hf_weights = build_ours(cfg, opt_cfg, total_steps)
@@ -267,6 +273,7 @@ def main() -> None:
         f"{args.warmup} warm-up + {args.steps} timed steps each, "
         f"freed memory {'released' if args.release_memory else 'kept'}, "
         f"scan_unroll {cfg.scan_unroll}, custom_vjp {cfg.custom_vjp}, "
+        f"attention {cfg.attention_backend}, "
         f"XLA_FLAGS={os.environ['XLA_FLAGS']!r}, "
         f"{flops_per_token * tokens / 1e9:.0f} GFLOP/step")
   print(f"matmul peak (2048^2 fp32): jax {jax_peak / 1e9:.1f} GFLOP/s, "

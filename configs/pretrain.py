@@ -23,13 +23,13 @@ from mllm_jax.train.trainer import TrainConfig
 
 # preset -> (model preset, model overrides, one host mesh, pod mesh, remat,
 #            global batch in sequences, sequence length, peak learning rate)
-# `tiny` runs on CPU, where the hand-written backward passes train about 1.6x
-# faster (docs/benchmarks.md); the others keep autodiff's until measured on
-# GPU and TPU.
+# `tiny` runs on CPU, with the hand-written backward passes and the fused C++
+# attention kernel (docs/benchmarks.md); the others keep autodiff's until
+# measured on GPU and TPU.
 PRESETS = {
     "tiny": ("tiny", dict(vocab_size=1024, embed_dim=128, num_layers=4,
                           num_heads=4, num_kv_heads=2, mlp_dim=384,
-                          custom_vjp=True),
+                          custom_vjp=True, attention_backend="cpu_fused"),
              dict(data=-1), dict(data=-1), "none", 16, 256, 3e-3),
     "125m": ("125m", {}, dict(data=1, fsdp=-1), dict(data=-1, fsdp=8), "none",
              256, 2048, 6e-4),

@@ -240,6 +240,8 @@ def main(argv):
     train_cfg = from_config(TrainConfig, config.train, "train")
     seq_len = int(config.data.seq_len)
     model_cfg.check_seq_len(seq_len)
+    model_cfg.check_platform(
+        "cpu" if _TOPOLOGY.value.startswith("cpu") else "tpu")
     target = resolve_target(_TOPOLOGY.value, _HBM_GIB.value,
                             train_cfg.peak_flops)
     chips = len(target.devices)

@@ -98,7 +98,7 @@ def test_prefix_is_bidirectional_and_the_rest_causal():
                              out[:, :8], atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", ["dot_product", "splash"])
+@pytest.mark.parametrize("backend", ["dot_product", "splash", "cpu_fused"])
 def test_attention_backends_agree_with_reference(backend):
   cfg, model = tiny_model("tiny")
   other = with_config(model, replace(cfg, attention_backend=backend))
@@ -111,9 +111,10 @@ def test_attention_backends_agree_with_reference(backend):
                  model(tokens, positions, segment_ids)) < 1e-5
 
 
-def test_dot_product_backend_with_prefix_and_alibi():
+@pytest.mark.parametrize("backend", ["dot_product", "cpu_fused"])
+def test_backend_with_prefix_and_alibi(backend):
   cfg, model = tiny_model("tiny", position="alibi")
-  other = with_config(model, replace(cfg, attention_backend="dot_product"))
+  other = with_config(model, replace(cfg, attention_backend=backend))
   prefix = np.zeros((2, 11), bool)
   prefix[:, :3] = True
   assert rel_err(other(TOKENS, prefix_mask=prefix),
@@ -180,16 +181,20 @@ def test_rope_scaling_variants():
   assert np.all((scaled[mid] <= plain[mid]) & (scaled[mid] >= plain[mid] / 8))
 
 
+@pytest.mark.parametrize("backend", ["xla", "cpu_fused"])
 @pytest.mark.parametrize("preset,overrides,prefix", [
     ("tiny", {}, False), ("tiny_mha", {}, False), ("tiny_mqa", {}, False),
     ("tiny", {"position": "alibi"}, True), ("tiny", {"remat": "full"}, False),
     ("tiny", {"tie_embeddings": True}, True)])
-def test_custom_vjp_gradients_equal_autodiff(preset, overrides, prefix):
+def test_custom_vjp_gradients_equal_autodiff(preset, overrides, prefix,
+                                             backend):
   """model.custom_vjp (hand-written attention, SwiGLU and RMSNorm backward
-  passes) computes the same loss and gradients as plain autodiff, on a packed
-  batch with padding (rows whose every key is masked)."""
+  passes), alone or with the fused CPU attention kernel, computes the same
+  loss and gradients as plain autodiff, on a packed batch with padding (rows
+  whose every key is masked)."""
   cfg, model = tiny_model(preset, **overrides)
-  fused = with_config(model, replace(cfg, custom_vjp=True))
+  fused = with_config(model, replace(cfg, custom_vjp=True,
+                                     attention_backend=backend))
   segment_ids = np.array([[1] * 5 + [2] * 4 + [0] * 2, [1] * 11])
   positions = np.array([list(range(5)) + list(range(4)) + [0, 1],
                         list(range(11))])

@@ -19,6 +19,7 @@ from tests.helpers import rel_err, tiny_config
 
 CFG = tiny_config("tiny", num_heads=8, num_kv_heads=4)
 CFG_CUSTOM_VJP = replace(CFG, custom_vjp=True)
+CFG_CPU_FUSED = replace(CFG, custom_vjp=True, attention_backend="cpu_fused")
 TOKENS = np.random.RandomState(0).randint(0, CFG.vocab_size, (8, 16))
 MESHES = [(1, 1, 1), (8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)]
 
@@ -48,6 +49,11 @@ def single_device_custom_vjp():
   return single_device_result(CFG_CUSTOM_VJP)
 
 
+@pytest.fixture(scope="module")
+def single_device_cpu_fused():
+  return single_device_result(CFG_CPU_FUSED)
+
+
 @pytest.mark.parametrize("shape", MESHES)
 def test_mesh_matches_single_device(shape, single_device):
   check_mesh_matches(CFG, shape, single_device)
@@ -59,6 +65,13 @@ def test_custom_vjp_mesh_matches_single_device(shape,
   """The hand-written backward passes (heads-major attention core, SwiGLU,
   RMSNorm) shard like autodiff's."""
   check_mesh_matches(CFG_CUSTOM_VJP, shape, single_device_custom_vjp)
+
+
+@pytest.mark.parametrize("shape", MESHES[3:])
+def test_cpu_fused_mesh_matches_single_device(shape, single_device_cpu_fused):
+  """The fused CPU kernel runs per device under shard_map: batch over the
+  data axes, heads over the tensor axis."""
+  check_mesh_matches(CFG_CPU_FUSED, shape, single_device_cpu_fused)
 
 
 def check_mesh_matches(cfg, shape, single):

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec
 
+from mllm_jax.modeling import cpu_kernel
 from mllm_jax.modeling.config import ModelConfig
 from mllm_jax.modeling.layers import apply_rope, param, rope_frequencies
 from mllm_jax.parallel.sharding import constrain, current_mesh, current_spec
@@ -140,6 +141,35 @@ def custom_vjp_attention(q, k, v, mask, bias=None):
   bias = bias.reshape(b, *heads, *bias.shape[2:])
   out = _attention_core(q, k, v, bias, row_scale[:, None])
   return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+
+
+def cpu_fused_attention(q, k, v, mask, bias=None):
+  """The fused C++ kernel for CPU (`cpu_kernel.py`, model.attention_backend=
+  'cpu_fused'): `xla_attention` in float32 with each query block's scores
+  kept in cache, and key blocks that the mask hides from a whole query block
+  skipped. Runs per device under shard_map (batch over the batch axes, heads
+  over the tensor axis when K/V heads split with them), since XLA cannot
+  partition a custom call."""
+  cpu_kernel.load()
+  dtype = q.dtype
+  bias = attention_bias(mask, bias)  # [B, 1|H, T, S]
+
+  def per_device(q, k, v, bias):
+    q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+    return cpu_kernel.fused_attention_core(q, k, v, bias).astype(dtype)
+
+  mesh = current_mesh()
+  if mesh is not None:
+    batch = current_spec(("act_batch",))[0]
+    heads = current_spec(("act_heads",))[0]
+    if heads != current_spec(("act_kv_heads",))[0]:
+      heads = None  # K/V heads not split like the query heads: keep whole
+    spec = PartitionSpec(batch, None, heads)
+    bias_spec = PartitionSpec(batch, heads if bias.shape[1] > 1 else None)
+    per_device = jax.shard_map(
+        per_device, mesh=mesh, in_specs=(spec, spec, spec, bias_spec),
+        out_specs=spec, check_vma=False)
+  return per_device(q, k, v, bias)
 
 
 def fused_attention(q, k, v, mask, bias=None, implementation=None):
@@ -271,6 +301,8 @@ class Attention(nnx.Module):
       out = custom_vjp_attention(q, k, v, mask, bias)
     elif cfg.attention_backend == "xla":
       out = xla_attention(q, k, v, mask, bias)
+    elif cfg.attention_backend == "cpu_fused":
+      out = cpu_fused_attention(q, k, v, mask, bias)
     elif cfg.attention_backend in ("dot_product", "cudnn"):
       impl = "cudnn" if cfg.attention_backend == "cudnn" else None
       out = fused_attention(q, k, v, mask, bias, implementation=impl)

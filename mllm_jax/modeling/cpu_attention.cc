@@ -1,0 +1,469 @@
+// Fused softmax attention for CPU (float32), as XLA FFI custom calls.
+//
+// Why: on CPU, XLA runs attention as separate batched GEMMs and elementwise
+// passes over [B, H, T, S] scores. Each head's 256x64x256 product is too
+// small for the GEMM library to reach its peak, and every pass streams the
+// scores through memory. Here one task owns a (batch, KV head) pair: it packs
+// K and V once, then for each query block of 64 rows computes scores, softmax
+// and the output while the block stays in cache, and skips the key columns
+// that the additive bias masks for every row of the block (the causal upper
+// triangle). The backward pass recomputes the probabilities from the saved
+// log-sum-exp, as flash attention does.
+//
+// Layouts: q [B, T, H, D]; k, v [B, S, KV, D] (H a multiple of KV); bias
+// [B, 1 or H, T, S], additive (0 or an ALiBi slope where allowed, a value
+// <= kMasked where not); out [B, T, H, D]; lse [B, H, T].
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v16u __attribute__((vector_size(64), aligned(4)));
+typedef int32_t i16v __attribute__((vector_size(64)));
+
+constexpr int kLanes = 16;
+constexpr int kBlockRows = 64;  // query rows per block
+// Bias values at or below this are masked (MASK_VALUE in attention.py is
+// -0.7 * float max; ALiBi biases are far above it).
+constexpr float kMasked = -0.35f * std::numeric_limits<float>::max();
+
+inline v16 load(const float* p) { return *reinterpret_cast<const v16u*>(p); }
+inline void store(float* p, v16 x) { *reinterpret_cast<v16u*>(p) = x; }
+inline v16 splat(float x) { return v16{} + x; }
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// exp on 16 lanes: 2^n * p(r) with r = x - n ln2, |r| <= ln2 / 2, degree-6
+// Taylor polynomial (relative error ~1e-7); exactly 0 below -87.
+inline v16 vexp(v16 x) {
+  const v16 lo = splat(-87.0f);
+  v16 xc = x < lo ? lo : x;
+  xc = xc > splat(88.0f) ? splat(88.0f) : xc;
+  const v16 magic = splat(12582912.0f);  // 1.5 * 2^23: round to nearest
+  v16 n = (xc * splat(1.44269504f) + magic) - magic;
+  v16 r = xc - n * splat(0.693359375f);
+  r = r - n * splat(-2.12194440e-4f);
+  v16 p = splat(1.0f / 720);
+  p = p * r + splat(1.0f / 120);
+  p = p * r + splat(1.0f / 24);
+  p = p * r + splat(1.0f / 6);
+  p = p * r + splat(0.5f);
+  p = p * r + splat(1.0f);
+  p = p * r + splat(1.0f);
+  i16v bits = (__builtin_convertvector(n, i16v) + 127) << 23;
+  v16 result = p * (v16)bits;
+  return x < lo ? v16{} : result;
+}
+
+inline float hmax(v16 x) {
+  float m = x[0];
+  for (int i = 1; i < kLanes; ++i) m = std::max(m, x[i]);
+  return m;
+}
+inline float hsum(v16 x) {
+  float s = 0;
+  for (int i = 0; i < kLanes; ++i) s += x[i];
+  return s;
+}
+
+// C[i][0:16*NV] (+)= sum_k A_i[k * step] * B[k][0:16*NV] for MR rows. A's
+// rows are given by pointers, so strided inputs need no copy, and `step`
+// lets A be read transposed (A_i = column i of a row-major block).
+template <int MR, int NV>
+void tile(const float* const* a, int64_t step, int64_t K, const float* b,
+          int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  v16 acc[MR][NV];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NV; ++j)
+      acc[i][j] = accumulate ? load(c + i * ldc + j * kLanes) : v16{};
+  for (int64_t k = 0; k < K; ++k) {
+    v16 bv[NV];
+    for (int j = 0; j < NV; ++j) bv[j] = load(b + k * ldb + j * kLanes);
+    for (int i = 0; i < MR; ++i) {
+      const v16 av = splat(a[i][k * step]);
+      for (int j = 0; j < NV; ++j) acc[i][j] += av * bv[j];
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NV; ++j) store(c + i * ldc + j * kLanes, acc[i][j]);
+}
+
+using TileFn = void (*)(const float* const*, int64_t, int64_t, const float*,
+                        int64_t, float*, int64_t, bool);
+constexpr int kTileRows = 6, kTileVecs = 4;
+
+template <int MR>
+constexpr TileFn row_of_tiles(int nv) {
+  return nv == 1 ? tile<MR, 1> : nv == 2 ? tile<MR, 2>
+       : nv == 3 ? tile<MR, 3> : tile<MR, 4>;
+}
+TileFn tile_fn(int mr, int nv) {
+  switch (mr) {
+    case 1: return row_of_tiles<1>(nv);
+    case 2: return row_of_tiles<2>(nv);
+    case 3: return row_of_tiles<3>(nv);
+    case 4: return row_of_tiles<4>(nv);
+    case 5: return row_of_tiles<5>(nv);
+    default: return row_of_tiles<6>(nv);
+  }
+}
+
+// C[M][N] (+)= A[M][K] B[K][N], N a multiple of 16; A[i][k] is a[i][k*step].
+void gemm(const float* const* a, int64_t step, int64_t M, int64_t K,
+          const float* b, int64_t ldb, int64_t N, float* c, int64_t ldc,
+          bool accumulate) {
+  for (int64_t n0 = 0; n0 < N; n0 += kTileVecs * kLanes) {
+    const int nv = std::min<int64_t>(kTileVecs, (N - n0) / kLanes);
+    for (int64_t m0 = 0; m0 < M; m0 += kTileRows) {
+      const int mr = std::min<int64_t>(kTileRows, M - m0);
+      tile_fn(mr, nv)(a + m0, step, K, b + n0, ldb, c + m0 * ldc + n0, ldc,
+                      accumulate);
+    }
+  }
+}
+
+// Runs body(task, scratch) for every task on the FFI thread pool. Workers
+// claim tasks from a shared counter and the caller works too, so it only
+// ever waits for tasks that a running worker has claimed.
+template <class Scratch, class Body>
+void parallel_for(ffi::ThreadPool& pool, int64_t tasks, const Body& body) {
+  struct Shared {
+    std::atomic<int64_t> next{0}, done{0};
+  };
+  auto shared = std::make_shared<Shared>();
+  auto work = [shared, tasks, &body] {
+    std::unique_ptr<Scratch> scratch;
+    for (int64_t t; (t = shared->next.fetch_add(1)) < tasks;) {
+      if (!scratch) scratch = std::make_unique<Scratch>();
+      body(t, *scratch);
+      shared->done.fetch_add(1);
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), tasks) - 1;
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule(decltype(work)(work));
+  work();
+  while (shared->done.load() < tasks) std::this_thread::yield();
+}
+
+struct Dims {
+  int64_t B, T, S, H, KV, D, bias_heads, G, Sp, Dp;
+  float scale;
+  Dims(ffi::Span<const int64_t> q, ffi::Span<const int64_t> k,
+       ffi::Span<const int64_t> bias)
+      : B(q[0]), T(q[1]), S(k[1]), H(q[2]), KV(k[2]), D(q[3]),
+        bias_heads(bias[1]), G(q[2] / k[2]), Sp(round_up(k[1], kLanes)),
+        Dp(round_up(q[3], kLanes)), scale(1.0f / std::sqrt(float(q[3]))) {}
+  const float* q_row(const float* q, int64_t b, int64_t t, int64_t h) const {
+    return q + ((b * T + t) * H + h) * D;
+  }
+  const float* kv_row(const float* k, int64_t b, int64_t s, int64_t kv) const {
+    return k + ((b * S + s) * KV + kv) * D;
+  }
+  const float* bias_row(const float* bias, int64_t b, int64_t h,
+                        int64_t t) const {
+    return bias + ((b * bias_heads + (bias_heads == 1 ? 0 : h)) * T + t) * S;
+  }
+};
+
+// At least n floats (contents kept when already large enough).
+std::vector<float>& sized(std::vector<float>& v, int64_t n) {
+  if (int64_t(v.size()) < n) v.resize(n);
+  return v;
+}
+
+// Exactly the first n floats zeroed (at least n allocated).
+void zeroed(std::vector<float>& v, int64_t n) {
+  sized(v, n);
+  std::fill(v.begin(), v.begin() + n, 0.0f);
+}
+
+// Per-worker buffers, reused across that worker's tasks.
+struct Scratch {
+  std::vector<float> kt, vt, kp, vp, s, p, cbuf, qblk, doblk, dk, dv;
+  std::vector<const float*> rows;
+};
+
+// K or V of one (batch, KV head): transposed [D][Sp] and padded [Sp][Dp],
+// zero outside the data. The transpose goes 16 keys at a time, so its
+// writes are whole vectors and its reads stay within 16 rows.
+void pack(const Dims& d, const float* x, int64_t b, int64_t kv,
+          std::vector<float>* transposed, std::vector<float>* padded) {
+  if (padded) {
+    zeroed(*padded, d.Sp * d.Dp);
+    for (int64_t s = 0; s < d.S; ++s)
+      std::memcpy(padded->data() + s * d.Dp, d.kv_row(x, b, s, kv),
+                  d.D * sizeof(float));
+  }
+  if (!transposed) return;
+  sized(*transposed, d.D * d.Sp);
+  for (int64_t s0 = 0; s0 < d.Sp; s0 += kLanes) {
+    const float* rows[kLanes];
+    for (int l = 0; l < kLanes; ++l)
+      rows[l] = s0 + l < d.S ? d.kv_row(x, b, s0 + l, kv) : nullptr;
+    for (int64_t i = 0; i < d.D; ++i) {
+      v16 col;
+      for (int l = 0; l < kLanes; ++l) col[l] = rows[l] ? rows[l][i] : 0.0f;
+      store(transposed->data() + i * d.Sp + s0, col);
+    }
+  }
+}
+
+// Keys [0, end) hold every unmasked key of the block's rows; a row with no
+// unmasked key needs all S (the reference softmax is uniform there).
+int64_t key_end(const Dims& d, const float* bias, int64_t b, int64_t h,
+                int64_t t0, int64_t rows) {
+  int64_t end = 0;
+  const v16 masked = splat(kMasked);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = d.bias_row(bias, b, h, t0 + r);
+    int64_t last = d.S - 1;
+    // Whole masked chunks of 16 first, then single keys.
+    for (; last + 1 >= kLanes; last -= kLanes) {
+      const auto open = load(row + last + 1 - kLanes) > masked;
+      bool any = false;
+      for (int l = 0; l < kLanes; ++l) any |= open[l] != 0;
+      if (any) break;
+    }
+    while (last >= 0 && row[last] <= kMasked) --last;
+    if (last < 0) return d.S;
+    end = std::max(end, last + 1);
+  }
+  return end;
+}
+
+// Scores of one row, scaled and biased, over columns [0, cols) (a multiple
+// of 16); columns >= end are -inf.
+inline v16 biased(const Dims& d, const float* s, const float* bias_row,
+                  int64_t c, int64_t end) {
+  v16 bias;
+  if (c + kLanes <= d.S) {
+    bias = load(bias_row + c);
+  } else {
+    for (int i = 0; i < kLanes; ++i)
+      bias[i] = c + i < d.S ? bias_row[c + i] : kMasked;
+  }
+  v16 x = load(s + c) * splat(d.scale) + bias;
+  if (c + kLanes > end) {
+    for (int i = 0; i < kLanes; ++i)
+      if (c + i >= end) x[i] = -std::numeric_limits<float>::infinity();
+  }
+  return x;
+}
+
+// Query rows [t0, t0 + rows) of head h: scores S = Q K^T over keys
+// [0, cols) into scratch.s (row stride Sp).
+void scores(const Dims& d, const float* q, int64_t b, int64_t h, int64_t t0,
+            int64_t rows, int64_t cols, Scratch& w) {
+  w.rows.resize(rows);
+  for (int64_t r = 0; r < rows; ++r) w.rows[r] = d.q_row(q, b, t0 + r, h);
+  gemm(w.rows.data(), 1, rows, d.D, w.kt.data(), d.Sp, cols, w.s.data(), d.Sp,
+       false);
+}
+
+void copy_rows_out(const Dims& d, const float* src, float* dst_base,
+                   int64_t b, int64_t h, int64_t t0, int64_t rows) {
+  for (int64_t r = 0; r < rows; ++r)
+    std::memcpy(dst_base + ((b * d.T + t0 + r) * d.H + h) * d.D,
+                src + r * d.Dp, d.D * sizeof(float));
+}
+
+void forward_task(const Dims& d, int64_t task, const float* q, const float* k,
+                  const float* v, const float* bias, float* out, float* lse,
+                  Scratch& w) {
+  const int64_t b = task / d.KV, kv = task % d.KV;
+  pack(d, k, b, kv, &w.kt, nullptr);
+  pack(d, v, b, kv, nullptr, &w.vp);
+  sized(w.s, kBlockRows * d.Sp);
+  sized(w.cbuf, kBlockRows * d.Dp);
+  std::vector<const float*> prow(kBlockRows);
+  float totals[kBlockRows];
+  for (int64_t h = kv * d.G; h < (kv + 1) * d.G; ++h) {
+    for (int64_t t0 = 0; t0 < d.T; t0 += kBlockRows) {
+      const int64_t rows = std::min<int64_t>(kBlockRows, d.T - t0);
+      const int64_t end = key_end(d, bias, b, h, t0, rows);
+      const int64_t cols = round_up(end, kLanes);
+      scores(d, q, b, h, t0, rows, cols, w);
+      for (int64_t r = 0; r < rows; ++r) {
+        float* s = w.s.data() + r * d.Sp;
+        const float* brow = d.bias_row(bias, b, h, t0 + r);
+        v16 m = splat(-std::numeric_limits<float>::infinity());
+        for (int64_t c = 0; c < cols; c += kLanes) {
+          const v16 x = biased(d, s, brow, c, end);
+          store(s + c, x);
+          m = x > m ? x : m;
+        }
+        const float row_max = hmax(m);
+        v16 sum{};
+        for (int64_t c = 0; c < cols; c += kLanes) {
+          const v16 e = vexp(load(s + c) - splat(row_max));
+          store(s + c, e);
+          sum += e;
+        }
+        const float total = hsum(sum);
+        totals[r] = total;
+        lse[(b * d.H + h) * d.T + t0 + r] = row_max + std::log(total);
+        prow[r] = s;
+      }
+      // Normalised after the product: D divisions per row instead of S.
+      gemm(prow.data(), 1, rows, cols, w.vp.data(), d.Dp, d.Dp,
+           w.cbuf.data(), d.Dp, false);
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = 0; c < d.Dp; c += kLanes)
+          store(w.cbuf.data() + r * d.Dp + c,
+                load(w.cbuf.data() + r * d.Dp + c) / splat(totals[r]));
+      copy_rows_out(d, w.cbuf.data(), out, b, h, t0, rows);
+    }
+  }
+}
+
+void backward_task(const Dims& d, int64_t task, const float* q,
+                   const float* k, const float* v, const float* bias,
+                   const float* out, const float* lse, const float* dout,
+                   float* dq, float* dk, float* dv, Scratch& w) {
+  const int64_t b = task / d.KV, kv = task % d.KV;
+  pack(d, k, b, kv, &w.kt, &w.kp);
+  pack(d, v, b, kv, &w.vt, nullptr);
+  zeroed(w.dk, d.Sp * d.Dp);
+  zeroed(w.dv, d.Sp * d.Dp);
+  sized(w.s, kBlockRows * d.Sp);
+  sized(w.p, kBlockRows * d.Sp);
+  sized(w.cbuf, kBlockRows * d.Dp);
+  zeroed(w.qblk, kBlockRows * d.Dp);
+  zeroed(w.doblk, kBlockRows * d.Dp);
+  std::vector<const float*> rows_a(std::max<int64_t>(kBlockRows, d.Sp));
+  const float uniform = 1.0f / float(d.S);
+  for (int64_t h = kv * d.G; h < (kv + 1) * d.G; ++h) {
+    for (int64_t t0 = 0; t0 < d.T; t0 += kBlockRows) {
+      const int64_t rows = std::min<int64_t>(kBlockRows, d.T - t0);
+      const int64_t end = key_end(d, bias, b, h, t0, rows);
+      const int64_t cols = round_up(end, kLanes);
+      scores(d, q, b, h, t0, rows, cols, w);  // w.s = Q K^T
+      // w.p = dO V^T
+      for (int64_t r = 0; r < rows; ++r)
+        rows_a[r] = d.q_row(dout, b, t0 + r, h);
+      gemm(rows_a.data(), 1, rows, d.D, w.vt.data(), d.Sp, cols, w.p.data(),
+           d.Sp, false);
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t t = t0 + r;
+        const float row_lse = lse[(b * d.H + h) * d.T + t];
+        const bool masked_row = row_lse <= kMasked;
+        const float* o = d.q_row(out, b, t, h);
+        const float* g = d.q_row(dout, b, t, h);
+        float delta = 0;
+        for (int64_t i = 0; i < d.D; ++i) delta += g[i] * o[i];
+        float* s = w.s.data() + r * d.Sp;
+        float* dp = w.p.data() + r * d.Sp;
+        const float* brow = d.bias_row(bias, b, h, t);
+        for (int64_t c = 0; c < cols; c += kLanes) {
+          v16 p = masked_row ? splat(uniform)
+                             : vexp(biased(d, s, brow, c, end) - splat(row_lse));
+          if (masked_row && c + kLanes > d.S)
+            for (int i = 0; i < kLanes; ++i)
+              if (c + i >= d.S) p[i] = 0;
+          const v16 ds = masked_row ? v16{}
+                         : p * (load(dp + c) - splat(delta)) * splat(d.scale);
+          store(s + c, p);
+          store(dp + c, ds);
+        }
+        std::memcpy(w.qblk.data() + r * d.Dp, d.q_row(q, b, t, h),
+                    d.D * sizeof(float));
+        std::memcpy(w.doblk.data() + r * d.Dp, g, d.D * sizeof(float));
+      }
+      // dQ = dS K
+      for (int64_t r = 0; r < rows; ++r) rows_a[r] = w.p.data() + r * d.Sp;
+      gemm(rows_a.data(), 1, rows, cols, w.kp.data(), d.Dp, d.Dp,
+           w.cbuf.data(), d.Dp, false);
+      copy_rows_out(d, w.cbuf.data(), dq, b, h, t0, rows);
+      // dV += P^T dO and dK += dS^T Q: P and dS read down their columns.
+      for (int64_t c = 0; c < cols; ++c) rows_a[c] = w.s.data() + c;
+      gemm(rows_a.data(), d.Sp, cols, rows, w.doblk.data(), d.Dp, d.Dp,
+           w.dv.data(), d.Dp, true);
+      for (int64_t c = 0; c < cols; ++c) rows_a[c] = w.p.data() + c;
+      gemm(rows_a.data(), d.Sp, cols, rows, w.qblk.data(), d.Dp, d.Dp,
+           w.dk.data(), d.Dp, true);
+    }
+  }
+  for (int64_t s = 0; s < d.S; ++s) {
+    std::memcpy(dk + ((b * d.S + s) * d.KV + kv) * d.D, w.dk.data() + s * d.Dp,
+                d.D * sizeof(float));
+    std::memcpy(dv + ((b * d.S + s) * d.KV + kv) * d.D, w.dv.data() + s * d.Dp,
+                d.D * sizeof(float));
+  }
+}
+
+ffi::Error check(const Dims& d) {
+  if (d.KV <= 0 || d.H % d.KV != 0)
+    return ffi::Error::InvalidArgument("query heads must be a multiple of KV heads");
+  if (d.bias_heads != 1 && d.bias_heads != d.H)
+    return ffi::Error::InvalidArgument("bias heads must be 1 or H");
+  return ffi::Error::Success();
+}
+
+ffi::Error forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+                   ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                   ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> out,
+                   ffi::ResultBuffer<ffi::F32> lse) {
+  const Dims d(q.dimensions(), k.dimensions(), bias.dimensions());
+  if (ffi::Error e = check(d); e.failure()) return e;
+  parallel_for<Scratch>(pool, d.B * d.KV, [&](int64_t task, Scratch& w) {
+    forward_task(d, task, q.typed_data(), k.typed_data(), v.typed_data(),
+                 bias.typed_data(), out->typed_data(), lse->typed_data(), w);
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+                    ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                    ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> out,
+                    ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout,
+                    ffi::ResultBuffer<ffi::F32> dq,
+                    ffi::ResultBuffer<ffi::F32> dk,
+                    ffi::ResultBuffer<ffi::F32> dv) {
+  const Dims d(q.dimensions(), k.dimensions(), bias.dimensions());
+  if (ffi::Error e = check(d); e.failure()) return e;
+  parallel_for<Scratch>(pool, d.B * d.KV, [&](int64_t task, Scratch& w) {
+    backward_task(d, task, q.typed_data(), k.typed_data(), v.typed_data(),
+                  bias.typed_data(), out.typed_data(), lse.typed_data(),
+                  dout.typed_data(), dq->typed_data(), dk->typed_data(),
+                  dv->typed_data(), w);
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MllmAttentionForward, forward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MllmAttentionBackward, backward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

@@ -8,7 +8,7 @@
 // and the output while the block stays in cache, and skips the key columns
 // that the additive bias masks for every row of the block (the causal upper
 // triangle). The backward pass recomputes the probabilities from the saved
-// log-sum-exp, as flash attention does.
+// log-sum-exp, as flash attention does; rowsum(dO * O) comes in precomputed.
 //
 // Layouts: q [B, T, H, D]; k, v [B, S, KV, D] (H a multiple of KV); bias
 // [B, 1 or H, T, S], additive (0 or an ALiBi slope where allowed, a value
@@ -23,6 +23,10 @@
 #include <memory>
 #include <thread>
 #include <vector>
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 #include "xla/ffi/api/ffi.h"
 
@@ -44,6 +48,11 @@ inline v16 load(const float* p) { return *reinterpret_cast<const v16u*>(p); }
 inline void store(float* p, v16 x) { *reinterpret_cast<v16u*>(p) = x; }
 inline v16 splat(float x) { return v16{} + x; }
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+inline void copy_floats(float* dst, const float* src, int64_t n) {
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) store(dst + i, load(src + i));
+  for (; i < n; ++i) dst[i] = src[i];
+}
 
 // exp on 16 lanes: 2^n * p(r) with r = x - n ln2, |r| <= ln2 / 2, degree-6
 // Taylor polynomial (relative error ~1e-7); exactly 0 below -87.
@@ -193,7 +202,42 @@ void zeroed(std::vector<float>& v, int64_t n) {
 struct Scratch {
   std::vector<float> kt, vt, kp, vp, s, p, cbuf, qblk, doblk, dk, dv;
   std::vector<const float*> rows;
+  std::vector<int64_t> ends;
 };
+
+#ifdef __AVX512F__
+// dst[c * ld + l] = rows[l][col + c] for 16 rows and 16 columns (a null row
+// reads as zeros): three rounds of interleaving, pairs, quads, 128-bit lanes.
+void transpose16(const float* const* rows, int64_t col, float* dst,
+                 int64_t ld) {
+  __m512 r[16], t[16], u[16], v[16];
+  for (int l = 0; l < 16; ++l)
+    r[l] = rows[l] ? _mm512_loadu_ps(rows[l] + col) : _mm512_setzero_ps();
+  for (int l = 0; l < 16; l += 2) {
+    t[l] = _mm512_unpacklo_ps(r[l], r[l + 1]);
+    t[l + 1] = _mm512_unpackhi_ps(r[l], r[l + 1]);
+  }
+  for (int l = 0; l < 16; l += 4) {
+    const auto pd = [](__m512 x) { return _mm512_castps_pd(x); };
+    u[l] = _mm512_castpd_ps(_mm512_unpacklo_pd(pd(t[l]), pd(t[l + 2])));
+    u[l + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(pd(t[l]), pd(t[l + 2])));
+    u[l + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(pd(t[l + 1]), pd(t[l + 3])));
+    u[l + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(pd(t[l + 1]), pd(t[l + 3])));
+  }
+  // u[4g + c] holds column 4j + c of rows 4g..4g+3 in 128-bit lane j.
+  for (int g = 0; g < 16; g += 8)
+    for (int c = 0; c < 4; ++c) {
+      v[g + c] = _mm512_shuffle_f32x4(u[g + c], u[g + 4 + c], 0x88);
+      v[g + 4 + c] = _mm512_shuffle_f32x4(u[g + c], u[g + 4 + c], 0xdd);
+    }
+  for (int c = 0; c < 8; ++c) {
+    _mm512_storeu_ps(dst + c * ld,
+                     _mm512_shuffle_f32x4(v[c], v[8 + c], 0x88));
+    _mm512_storeu_ps(dst + (c + 8) * ld,
+                     _mm512_shuffle_f32x4(v[c], v[8 + c], 0xdd));
+  }
+}
+#endif
 
 // K or V of one (batch, KV head): transposed [D][Sp] and padded [Sp][Dp],
 // zero outside the data. The transpose goes 16 keys at a time, so its
@@ -203,8 +247,7 @@ void pack(const Dims& d, const float* x, int64_t b, int64_t kv,
   if (padded) {
     zeroed(*padded, d.Sp * d.Dp);
     for (int64_t s = 0; s < d.S; ++s)
-      std::memcpy(padded->data() + s * d.Dp, d.kv_row(x, b, s, kv),
-                  d.D * sizeof(float));
+      copy_floats(padded->data() + s * d.Dp, d.kv_row(x, b, s, kv), d.D);
   }
   if (!transposed) return;
   sized(*transposed, d.D * d.Sp);
@@ -212,7 +255,12 @@ void pack(const Dims& d, const float* x, int64_t b, int64_t kv,
     const float* rows[kLanes];
     for (int l = 0; l < kLanes; ++l)
       rows[l] = s0 + l < d.S ? d.kv_row(x, b, s0 + l, kv) : nullptr;
-    for (int64_t i = 0; i < d.D; ++i) {
+    int64_t i = 0;
+#ifdef __AVX512F__
+    for (; i + kLanes <= d.D; i += kLanes)
+      transpose16(rows, i, transposed->data() + i * d.Sp + s0, d.Sp);
+#endif
+    for (; i < d.D; ++i) {
       v16 col;
       for (int l = 0; l < kLanes; ++l) col[l] = rows[l] ? rows[l][i] : 0.0f;
       store(transposed->data() + i * d.Sp + s0, col);
@@ -220,25 +268,43 @@ void pack(const Dims& d, const float* x, int64_t b, int64_t kv,
   }
 }
 
-// Keys [0, end) hold every unmasked key of the block's rows; a row with no
-// unmasked key needs all S (the reference softmax is uniform there).
-int64_t key_end(const Dims& d, const float* bias, int64_t b, int64_t h,
-                int64_t t0, int64_t rows) {
-  int64_t end = 0;
+// For each query row of (b, h): one past its last unmasked key, 0 if none.
+void row_ends(const Dims& d, const float* bias, int64_t b, int64_t h,
+              std::vector<int64_t>& ends) {
+  ends.resize(d.T);
   const v16 masked = splat(kMasked);
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* row = d.bias_row(bias, b, h, t0 + r);
+  for (int64_t t = 0; t < d.T; ++t) {
+    const float* row = d.bias_row(bias, b, h, t);
     int64_t last = d.S - 1;
     // Whole masked chunks of 16 first, then single keys.
     for (; last + 1 >= kLanes; last -= kLanes) {
-      const auto open = load(row + last + 1 - kLanes) > masked;
+      const v16 chunk = load(row + last + 1 - kLanes);
+#ifdef __AVX512F__
+      const unsigned open = _mm512_cmp_ps_mask(chunk, masked, _CMP_GT_OQ);
+      if (open) {
+        last += 1 - kLanes + (31 - __builtin_clz(open));
+        break;
+      }
+#else
+      const auto open = chunk > masked;
       bool any = false;
       for (int l = 0; l < kLanes; ++l) any |= open[l] != 0;
       if (any) break;
+#endif
     }
     while (last >= 0 && row[last] <= kMasked) --last;
-    if (last < 0) return d.S;
-    end = std::max(end, last + 1);
+    ends[t] = last + 1;
+  }
+}
+
+// Keys [0, end) hold every unmasked key of rows [t0, t0 + rows); a row with
+// no unmasked key needs all S (the reference softmax is uniform there).
+int64_t key_end(const Dims& d, const std::vector<int64_t>& ends, int64_t t0,
+                int64_t rows) {
+  int64_t end = 0;
+  for (int64_t r = t0; r < t0 + rows; ++r) {
+    if (ends[r] == 0) return d.S;
+    end = std::max(end, ends[r]);
   }
   return end;
 }
@@ -275,8 +341,8 @@ void scores(const Dims& d, const float* q, int64_t b, int64_t h, int64_t t0,
 void copy_rows_out(const Dims& d, const float* src, float* dst_base,
                    int64_t b, int64_t h, int64_t t0, int64_t rows) {
   for (int64_t r = 0; r < rows; ++r)
-    std::memcpy(dst_base + ((b * d.T + t0 + r) * d.H + h) * d.D,
-                src + r * d.Dp, d.D * sizeof(float));
+    copy_floats(dst_base + ((b * d.T + t0 + r) * d.H + h) * d.D,
+                src + r * d.Dp, d.D);
 }
 
 void forward_task(const Dims& d, int64_t task, const float* q, const float* k,
@@ -290,9 +356,10 @@ void forward_task(const Dims& d, int64_t task, const float* q, const float* k,
   std::vector<const float*> prow(kBlockRows);
   float totals[kBlockRows];
   for (int64_t h = kv * d.G; h < (kv + 1) * d.G; ++h) {
+    if (h == kv * d.G || d.bias_heads > 1) row_ends(d, bias, b, h, w.ends);
     for (int64_t t0 = 0; t0 < d.T; t0 += kBlockRows) {
       const int64_t rows = std::min<int64_t>(kBlockRows, d.T - t0);
-      const int64_t end = key_end(d, bias, b, h, t0, rows);
+      const int64_t end = key_end(d, w.ends, t0, rows);
       const int64_t cols = round_up(end, kLanes);
       scores(d, q, b, h, t0, rows, cols, w);
       for (int64_t r = 0; r < rows; ++r) {
@@ -328,9 +395,11 @@ void forward_task(const Dims& d, int64_t task, const float* q, const float* k,
   }
 }
 
+// deltas [B, T, H]: rowsum(dO * O), formed by XLA in one streaming pass
+// (read here row by row, O's strided rows would miss the cache).
 void backward_task(const Dims& d, int64_t task, const float* q,
                    const float* k, const float* v, const float* bias,
-                   const float* out, const float* lse, const float* dout,
+                   const float* deltas, const float* lse, const float* dout,
                    float* dq, float* dk, float* dv, Scratch& w) {
   const int64_t b = task / d.KV, kv = task % d.KV;
   pack(d, k, b, kv, &w.kt, &w.kp);
@@ -345,9 +414,10 @@ void backward_task(const Dims& d, int64_t task, const float* q,
   std::vector<const float*> rows_a(std::max<int64_t>(kBlockRows, d.Sp));
   const float uniform = 1.0f / float(d.S);
   for (int64_t h = kv * d.G; h < (kv + 1) * d.G; ++h) {
+    if (h == kv * d.G || d.bias_heads > 1) row_ends(d, bias, b, h, w.ends);
     for (int64_t t0 = 0; t0 < d.T; t0 += kBlockRows) {
       const int64_t rows = std::min<int64_t>(kBlockRows, d.T - t0);
-      const int64_t end = key_end(d, bias, b, h, t0, rows);
+      const int64_t end = key_end(d, w.ends, t0, rows);
       const int64_t cols = round_up(end, kLanes);
       scores(d, q, b, h, t0, rows, cols, w);  // w.s = Q K^T
       // w.p = dO V^T
@@ -359,10 +429,8 @@ void backward_task(const Dims& d, int64_t task, const float* q,
         const int64_t t = t0 + r;
         const float row_lse = lse[(b * d.H + h) * d.T + t];
         const bool masked_row = row_lse <= kMasked;
-        const float* o = d.q_row(out, b, t, h);
         const float* g = d.q_row(dout, b, t, h);
-        float delta = 0;
-        for (int64_t i = 0; i < d.D; ++i) delta += g[i] * o[i];
+        const float delta = deltas[(b * d.T + t) * d.H + h];
         float* s = w.s.data() + r * d.Sp;
         float* dp = w.p.data() + r * d.Sp;
         const float* brow = d.bias_row(bias, b, h, t);
@@ -377,9 +445,8 @@ void backward_task(const Dims& d, int64_t task, const float* q,
           store(s + c, p);
           store(dp + c, ds);
         }
-        std::memcpy(w.qblk.data() + r * d.Dp, d.q_row(q, b, t, h),
-                    d.D * sizeof(float));
-        std::memcpy(w.doblk.data() + r * d.Dp, g, d.D * sizeof(float));
+        copy_floats(w.qblk.data() + r * d.Dp, d.q_row(q, b, t, h), d.D);
+        copy_floats(w.doblk.data() + r * d.Dp, g, d.D);
       }
       // dQ = dS K
       for (int64_t r = 0; r < rows; ++r) rows_a[r] = w.p.data() + r * d.Sp;
@@ -396,10 +463,10 @@ void backward_task(const Dims& d, int64_t task, const float* q,
     }
   }
   for (int64_t s = 0; s < d.S; ++s) {
-    std::memcpy(dk + ((b * d.S + s) * d.KV + kv) * d.D, w.dk.data() + s * d.Dp,
-                d.D * sizeof(float));
-    std::memcpy(dv + ((b * d.S + s) * d.KV + kv) * d.D, w.dv.data() + s * d.Dp,
-                d.D * sizeof(float));
+    copy_floats(dk + ((b * d.S + s) * d.KV + kv) * d.D, w.dk.data() + s * d.Dp,
+                d.D);
+    copy_floats(dv + ((b * d.S + s) * d.KV + kv) * d.D, w.dv.data() + s * d.Dp,
+                d.D);
   }
 }
 
@@ -426,7 +493,7 @@ ffi::Error forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
 
 ffi::Error backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                     ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                    ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> out,
+                    ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> deltas,
                     ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout,
                     ffi::ResultBuffer<ffi::F32> dq,
                     ffi::ResultBuffer<ffi::F32> dk,
@@ -435,7 +502,7 @@ ffi::Error backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   if (ffi::Error e = check(d); e.failure()) return e;
   parallel_for<Scratch>(pool, d.B * d.KV, [&](int64_t task, Scratch& w) {
     backward_task(d, task, q.typed_data(), k.typed_data(), v.typed_data(),
-                  bias.typed_data(), out.typed_data(), lse.typed_data(),
+                  bias.typed_data(), deltas.typed_data(), lse.typed_data(),
                   dout.typed_data(), dq->typed_data(), dk->typed_data(),
                   dv->typed_data(), w);
   });

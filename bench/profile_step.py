@@ -1,6 +1,7 @@
 r"""Where the CPU training step's time goes: op time per part of the model.
 
   JAX_PLATFORMS=cpu python bench/profile_step.py [--steps=3] [--no-custom_vjp]
+      [--attention=cpu_fused]
 
 Traces the forward and backward pass of bench/train_step.py's model (same
 config, batch, XLA flags and allocator settings) with `jax.profiler`, then
@@ -46,7 +47,7 @@ import train_step as bench  # noqa: E402  pylint: disable=wrong-import-position
 
 # Part of the model -> einsums (our layers' specs and their transposes).
 PARTS = {
-    "attention core": ("bhts", "bkgts"),
+    "attention core": ("bhts", "bkgts", "ffi_call", "bthd,bthd"),
     "SwiGLU MLP": ("dh->bth", "hd->btd", "bth->dh", "btd->hd", "bth,"),
     "q/k/v/o projections": ("dhk->bthk", "hkd->btd", "bthk,", "btd,bthk"),
     "output projection + loss": ("dv->btv", "dv->btd", "btv->dv", "btd,btv"),
@@ -88,6 +89,9 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=3, help="traced steps")
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--seq", type=int, default=256)
+  parser.add_argument("--attention", default="cpu_fused",
+                      choices=("cpu_fused", "xla"),
+                      help="model.attention_backend")
   parser.add_argument("--custom_vjp", default=True,
                       action=argparse.BooleanOptionalAction)
   parser.add_argument("--xla_flags", default=bench.TUNED_XLA_FLAGS)
@@ -108,7 +112,8 @@ def main() -> None:
   # pylint: enable=import-outside-toplevel
 
   cfg = bench.model_config(args.seq, scan_unroll=bench.LAYERS,
-                           custom_vjp=args.custom_vjp)
+                           custom_vjp=args.custom_vjp,
+                           attention_backend=args.attention)
   graphdef, params = nnx.split(Decoder(cfg, rngs=nnx.Rngs(0)))
   b, t = args.batch, args.seq
   batch = jax.device_put(bench.train_batch(bench.token_batches(1, b, t)[0]))
@@ -137,7 +142,7 @@ def main() -> None:
   op_time = sum(per_part.values()) / args.steps
   flops = train_flops_per_token(cfg, t) * b * t
   print(f"forward + backward, batch {b} x seq {t}, custom_vjp "
-        f"{cfg.custom_vjp}: wall {wall * 1e3:.0f} ms per step, op time "
+        f"{cfg.custom_vjp}, attention {cfg.attention_backend}: wall {wall * 1e3:.0f} ms per step, op time "
         f"{op_time * 1e3:.0f} ms ({op_time / wall:.2f}x overlap), model "
         f"{flops / wall / 1e9:.0f} GFLOP/s")
   for part, seconds in per_part.most_common():
@@ -170,10 +175,12 @@ def ablation(cfg, graphdef, params, batch, rounds: int) -> None:
     print("ablation skipped: it replaces the custom-VJP SwiGLU and the "
           "multi-head attention core")
     return
+  core = ("cpu_fused_attention" if cfg.attention_backend == "cpu_fused"
+          else "custom_vjp_attention")
   stand_ins = {
       "SwiGLU MLP": (layers, "swiglu",
                      lambda x, w_gate, w_up, w_down: x * 1.001),
-      "attention core": (attention, "custom_vjp_attention",
+      "attention core": (attention, core,
                          lambda q, k, v, mask, bias=None: q + k / 2 + v / 4),
   }
 

@@ -43,6 +43,8 @@ class ModelConfig:
   rope_low_freq_factor: float = 1.0
   rope_high_freq_factor: float = 4.0
   rope_original_max_len: int = 8192
+  # xla | dot_product | cudnn (GPU) | splash (TPU) | cpu_fused (a C++ kernel
+  # for CPU, compiled on first use; docs/modeling.md).
   attention_backend: str = "xla"
   param_dtype: str = "float32"
   dtype: str = "bfloat16"

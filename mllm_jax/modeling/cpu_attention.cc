@@ -435,8 +435,9 @@ void backward_task(const Dims& d, int64_t task, const float* q,
         float* dp = w.p.data() + r * d.Sp;
         const float* brow = d.bias_row(bias, b, h, t);
         for (int64_t c = 0; c < cols; c += kLanes) {
-          v16 p = masked_row ? splat(uniform)
-                             : vexp(biased(d, s, brow, c, end) - splat(row_lse));
+          v16 p = masked_row
+                      ? splat(uniform)
+                      : vexp(biased(d, s, brow, c, end) - splat(row_lse));
           if (masked_row && c + kLanes > d.S)
             for (int i = 0; i < kLanes; ++i)
               if (c + i >= d.S) p[i] = 0;
@@ -472,7 +473,8 @@ void backward_task(const Dims& d, int64_t task, const float* q,
 
 ffi::Error check(const Dims& d) {
   if (d.KV <= 0 || d.H % d.KV != 0)
-    return ffi::Error::InvalidArgument("query heads must be a multiple of KV heads");
+    return ffi::Error::InvalidArgument(
+        "query heads must be a multiple of KV heads");
   if (d.bias_heads != 1 && d.bias_heads != d.H)
     return ffi::Error::InvalidArgument("bias heads must be 1 or H");
   return ffi::Error::Success();

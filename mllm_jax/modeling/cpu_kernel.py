@@ -5,7 +5,8 @@ The C++ source is compiled on first use for this machine's CPU (`-O3
 keyed by the source, the flags, jaxlib's version and the CPU, then
 registered as two XLA FFI targets: the forward pass (output and per-row
 log-sum-exp) and the backward pass (dq, dk, dv from recomputed
-probabilities and rowsum(dO * O)). `model.attention_backend='cpu_fused'` selects it.
+probabilities and rowsum(dO * O)). `model.attention_backend='cpu_fused'`
+selects it.
 """
 
 from __future__ import annotations
@@ -32,9 +33,16 @@ FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC",
 
 def cache_dir() -> pathlib.Path:
   """Where compiled kernels live: $MLLM_JAX_KERNEL_CACHE, else
-  ~/.cache/mllm_jax/kernels."""
-  default = pathlib.Path.home() / ".cache" / "mllm_jax" / "kernels"
-  return pathlib.Path(os.environ.get("MLLM_JAX_KERNEL_CACHE", default))
+  ~/.cache/mllm_jax/kernels, else (home not writable) the temp directory."""
+  if "MLLM_JAX_KERNEL_CACHE" in os.environ:
+    return pathlib.Path(os.environ["MLLM_JAX_KERNEL_CACHE"])
+  home = pathlib.Path.home() / ".cache" / "mllm_jax" / "kernels"
+  try:
+    home.mkdir(parents=True, exist_ok=True)
+    return home
+  except OSError:
+    temp = pathlib.Path(tempfile.gettempdir())
+    return temp / f"mllm_jax_kernels_{os.getuid()}"
 
 
 def _cpu_identity() -> str:

@@ -9,8 +9,8 @@ import pytest
 
 from mllm_jax.configlib import ConfigError
 from mllm_jax.modeling import cpu_kernel
-from mllm_jax.modeling.attention import (attention_mask, cpu_fused_attention,
-                                         xla_attention)
+from mllm_jax.modeling.attention import (attention_bias, attention_mask,
+                                         cpu_fused_attention, xla_attention)
 from mllm_jax.modeling.layers import alibi_slopes
 from tests.helpers import rel_err, tiny_config
 
@@ -80,7 +80,7 @@ def test_bfloat16_inputs_run_in_float32_and_keep_their_dtype():
   assert rel_err(out, want) < 1e-2
 
 
-def test_build_is_cached_per_source_and_cpu(tmp_path, monkeypatch):
+def test_second_build_reuses_the_cached_library(tmp_path, monkeypatch):
   monkeypatch.setenv("MLLM_JAX_KERNEL_CACHE", str(tmp_path))
   library = cpu_kernel.build()
   assert library.parent == tmp_path and library.exists()
@@ -94,6 +94,15 @@ def test_missing_compiler_names_the_backend_and_the_fix(monkeypatch):
   monkeypatch.setattr(cpu_kernel.shutil, "which", lambda name: None)
   with pytest.raises(RuntimeError, match="attention_backend='xla'"):
     cpu_kernel.build()
+
+
+def test_mismatched_shapes_are_refused_by_the_kernel():
+  q, k, v, mask, _ = inputs(b=1, t=16, h=2, kv=1, d=16)
+  bias = attention_bias(mask)
+  with pytest.raises(Exception, match="bias must be"):
+    cpu_kernel.fused_attention_core(q, k, v, bias[:, :, :8])
+  with pytest.raises(Exception, match="k and v shapes differ"):
+    cpu_kernel.fused_attention_core(q, k, v[:, :8], bias)
 
 
 @pytest.mark.parametrize("platform", ["gpu", "tpu"])

@@ -10,6 +10,12 @@ import jax.numpy as jnp
 from mllm_jax.configlib import check, check_choice
 
 ATTENTION_BACKENDS = ("xla", "dot_product", "cudnn", "splash", "cpu_fused")
+# Backends that run on one platform only: backend -> (platform, what it is).
+PLATFORM_BACKENDS = {
+    "cudnn": ("gpu", "'cudnn' (flash attention) needs an NVIDIA GPU"),
+    "splash": ("tpu", "'splash' (Pallas flash attention) needs a TPU"),
+    "cpu_fused": ("cpu", "'cpu_fused' is a C++ kernel for CPU"),
+}
 REMAT_POLICIES = ("none", "full", "save_dots", "offload_dots")
 POSITION_ENCODINGS = ("rope", "alibi")
 ROPE_SCALINGS = ("none", "linear", "llama3")
@@ -125,20 +131,11 @@ class ModelConfig:
                      prefix: str = "model") -> None:
     """Fails early when this platform cannot run the chosen kernels."""
     platform = platform or jax.default_backend()
-    others = [b for b in ATTENTION_BACKENDS
-              if b not in ("cudnn", "splash", "cpu_fused")]
-    if self.attention_backend == "cudnn":
-      check(platform == "gpu", f"{prefix}.attention_backend",
-            f"'cudnn' (flash attention) needs an NVIDIA GPU but this platform "
-            f"is {platform!r}; use one of {others}")
-    if self.attention_backend == "splash":
-      check(platform == "tpu", f"{prefix}.attention_backend",
-            f"'splash' (Pallas flash attention) needs a TPU but this platform "
-            f"is {platform!r}; use one of {others}")
-    if self.attention_backend == "cpu_fused":
-      check(platform == "cpu", f"{prefix}.attention_backend",
-            f"'cpu_fused' is a C++ kernel for CPU but this platform is "
-            f"{platform!r}; use one of {others}")
+    if self.attention_backend in PLATFORM_BACKENDS:
+      needed, what = PLATFORM_BACKENDS[self.attention_backend]
+      others = [b for b in ATTENTION_BACKENDS if b not in PLATFORM_BACKENDS]
+      check(platform == needed, f"{prefix}.attention_backend",
+            f"{what} but this platform is {platform!r}; use one of {others}")
     if self.remat == "offload_dots":
       check(platform in ("gpu", "tpu"), f"{prefix}.remat",
             f"'offload_dots' moves activations to pinned host memory, which "

@@ -471,12 +471,23 @@ void backward_task(const Dims& d, int64_t task, const float* q,
   }
 }
 
-ffi::Error check(const Dims& d) {
-  if (d.KV <= 0 || d.H % d.KV != 0)
+// The layouts the header names; anything else would read out of bounds.
+ffi::Error check(ffi::Span<const int64_t> q, ffi::Span<const int64_t> k,
+                 ffi::Span<const int64_t> v, ffi::Span<const int64_t> bias) {
+  if (q.size() != 4 || k.size() != 4 || v.size() != 4 || bias.size() != 4)
+    return ffi::Error::InvalidArgument("q, k, v and bias must be 4-D");
+  for (int i = 0; i < 4; ++i)
+    if (k[i] != v[i])
+      return ffi::Error::InvalidArgument("k and v shapes differ");
+  if (k[0] != q[0] || k[3] != q[3])
+    return ffi::Error::InvalidArgument(
+        "k's batch or head size differs from q's");
+  if (k[2] <= 0 || q[2] % k[2] != 0)
     return ffi::Error::InvalidArgument(
         "query heads must be a multiple of KV heads");
-  if (d.bias_heads != 1 && d.bias_heads != d.H)
-    return ffi::Error::InvalidArgument("bias heads must be 1 or H");
+  if (bias[0] != q[0] || bias[2] != q[1] || bias[3] != k[1] ||
+      (bias[1] != 1 && bias[1] != q[2]))
+    return ffi::Error::InvalidArgument("bias must be [B, 1 or H, T, S]");
   return ffi::Error::Success();
 }
 
@@ -484,8 +495,11 @@ ffi::Error forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                    ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                    ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> out,
                    ffi::ResultBuffer<ffi::F32> lse) {
+  if (ffi::Error e = check(q.dimensions(), k.dimensions(), v.dimensions(),
+                           bias.dimensions());
+      e.failure())
+    return e;
   const Dims d(q.dimensions(), k.dimensions(), bias.dimensions());
-  if (ffi::Error e = check(d); e.failure()) return e;
   parallel_for<Scratch>(pool, d.B * d.KV, [&](int64_t task, Scratch& w) {
     forward_task(d, task, q.typed_data(), k.typed_data(), v.typed_data(),
                  bias.typed_data(), out->typed_data(), lse->typed_data(), w);
@@ -500,8 +514,11 @@ ffi::Error backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                     ffi::ResultBuffer<ffi::F32> dq,
                     ffi::ResultBuffer<ffi::F32> dk,
                     ffi::ResultBuffer<ffi::F32> dv) {
+  if (ffi::Error e = check(q.dimensions(), k.dimensions(), v.dimensions(),
+                           bias.dimensions());
+      e.failure())
+    return e;
   const Dims d(q.dimensions(), k.dimensions(), bias.dimensions());
-  if (ffi::Error e = check(d); e.failure()) return e;
   parallel_for<Scratch>(pool, d.B * d.KV, [&](int64_t task, Scratch& w) {
     backward_task(d, task, q.typed_data(), k.typed_data(), v.typed_data(),
                   bias.typed_data(), deltas.typed_data(), lse.typed_data(),

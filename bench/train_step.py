@@ -3,7 +3,7 @@ AdamW, same model, same weights, same data, same run.
 
   JAX_PLATFORMS=cpu python bench/train_step.py [--steps=10] [--warmup=2]
       [--batch=8] [--seq=256] [--threads=N] [--attention=cpu_fused]
-      [--attn=sdpa]
+      [--optimizer=cpu_fused] [--attn=sdpa]
 
 The model is LLaMA with 8 layers, d=512, 8 heads, SwiGLU 1408, vocab 8192
 (~34M parameters). Both sides train in float32 with AdamW(0.9, 0.95, eps
@@ -216,6 +216,10 @@ def main() -> None:
                       choices=("cpu_fused", "xla"),
                       help="model.attention_backend: the fused C++ CPU "
                       "kernel, or XLA's einsums")
+  parser.add_argument("--optimizer", default="cpu_fused",
+                      choices=("cpu_fused", "optax"),
+                      help="optimizer.backend: the fused C++ CPU AdamW, or "
+                      "optax's chain (same update)")
   parser.add_argument("--attn", default="sdpa", choices=("sdpa", "eager"),
                       help="transformers attention implementation")
   parser.add_argument("--xla_flags", default=TUNED_XLA_FLAGS,
@@ -242,7 +246,8 @@ def main() -> None:
                      custom_vjp=args.custom_vjp,
                      attention_backend=args.attention)
   total_steps = args.warmup + args.steps
-  opt_cfg = optim.OptimizerConfig(warmup_steps=max(total_steps // 2, 1))
+  opt_cfg = optim.OptimizerConfig(warmup_steps=max(total_steps // 2, 1),
+                                  backend=args.optimizer)
   ours, hf_weights = build_ours(cfg, opt_cfg, total_steps)
   theirs = build_theirs(cfg, opt_cfg, total_steps, hf_weights, args.attn)
   batches = token_batches(total_steps, args.batch, args.seq)
@@ -273,7 +278,7 @@ def main() -> None:
         f"{args.warmup} warm-up + {args.steps} timed steps each, "
         f"freed memory {'released' if args.release_memory else 'kept'}, "
         f"scan_unroll {cfg.scan_unroll}, custom_vjp {cfg.custom_vjp}, "
-        f"attention {cfg.attention_backend}, "
+        f"attention {cfg.attention_backend}, optimizer {opt_cfg.backend}, "
         f"XLA_FLAGS={os.environ['XLA_FLAGS']!r}, "
         f"{flops_per_token * tokens / 1e9:.0f} GFLOP/step")
   print(f"matmul peak (2048^2 fp32): jax {jax_peak / 1e9:.1f} GFLOP/s, "

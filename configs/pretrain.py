@@ -24,8 +24,8 @@ from mllm_jax.train.trainer import TrainConfig
 # preset -> (model preset, model overrides, one host mesh, pod mesh, remat,
 #            global batch in sequences, sequence length, peak learning rate)
 # `tiny` runs on CPU, with the hand-written backward passes and the fused C++
-# attention kernel (docs/benchmarks.md); the others keep autodiff's until
-# measured on GPU and TPU.
+# attention and AdamW kernels (docs/benchmarks.md); the others keep
+# autodiff's and optax until measured on GPU and TPU.
 PRESETS = {
     "tiny": ("tiny", dict(vocab_size=1024, embed_dim=128, num_layers=4,
                           num_heads=4, num_kv_heads=2, mlp_dim=384,
@@ -81,7 +81,8 @@ def get_config(name: str = "tiny") -> ml_collections.ConfigDict:
       repeat=True, prefetch=2, eval_sources=()))
   config.optimizer = _dataclass_config(OptimizerConfig(
       learning_rate=lr, warmup_steps=30 if tiny else 2000,
-      weight_decay=0.01 if tiny else 0.1))
+      weight_decay=0.01 if tiny else 0.1,
+      backend="cpu_fused" if tiny else "optax"))
   config.train = _dataclass_config(TrainConfig(
       steps=300 if tiny else 250_000, batch_size=batch, log_every=10,
       grad_accum_steps=GRAD_ACCUM.get(name, 1),

@@ -240,8 +240,9 @@ def main(argv):
     train_cfg = from_config(TrainConfig, config.train, "train")
     seq_len = int(config.data.seq_len)
     model_cfg.check_seq_len(seq_len)
-    model_cfg.check_platform(
-        "cpu" if _TOPOLOGY.value.startswith("cpu") else "tpu")
+    platform = "cpu" if _TOPOLOGY.value.startswith("cpu") else "tpu"
+    model_cfg.check_platform(platform)
+    optimizer_cfg.check_platform(platform)
     target = resolve_target(_TOPOLOGY.value, _HBM_GIB.value,
                             train_cfg.peak_flops)
     chips = len(target.devices)

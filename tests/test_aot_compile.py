@@ -19,11 +19,12 @@ from mllm_jax.configlib import ConfigError
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 # A small, fast variant of the tiny preset, on XLA's attention (whose FLOPs
-# the report traces; the preset's CPU kernel is a custom call); the peak is
-# given so that nothing is measured.
+# the report traces; the preset's CPU kernel is a custom call) and optax's
+# AdamW (as at pod scale); the peak is given so that nothing is measured.
 TINY = ("--config=configs/pretrain.py:tiny", "--config.model.num_layers=2",
         "--config.data.seq_len=64", "--config.train.peak_flops=1e10",
-        "--config.model.attention_backend=xla")
+        "--config.model.attention_backend=xla",
+        "--config.optimizer.backend=optax")
 
 
 def start(*args: str) -> subprocess.Popen:
@@ -48,6 +49,8 @@ def runs(tmp_path_factory):
       # The tiny preset's CPU attention kernel cannot compile for a TPU.
       "cpu_kernel_on_tpu": start(*TINY, "--topology=v5p:2x2x1",
                                  "--config.model.attention_backend=cpu_fused"),
+      "cpu_adamw_on_tpu": start(*TINY, "--topology=v5p:2x2x1",
+                                "--config.optimizer.backend=cpu_fused"),
   }
   results = {}
   for name, proc in procs.items():
@@ -102,6 +105,9 @@ def test_bad_flags_exit_1_before_compiling(runs):
   assert result.returncode == 1
   assert "model.attention_backend" in result.stderr
   assert "'cpu_fused'" in result.stderr and "'xla'" in result.stderr
+  result = runs["cpu_adamw_on_tpu"]
+  assert result.returncode == 1
+  assert "optimizer.backend" in result.stderr and "'optax'" in result.stderr
 
 
 @pytest.mark.parametrize("topology, message", [

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from mllm_jax.configlib import ConfigError
+from mllm_jax import native
 from mllm_jax.modeling import cpu_kernel
 from mllm_jax.modeling.attention import (attention_bias, attention_mask,
                                          cpu_fused_attention, xla_attention)
@@ -91,7 +92,7 @@ def test_second_build_reuses_the_cached_library(tmp_path, monkeypatch):
 
 def test_missing_compiler_names_the_backend_and_the_fix(monkeypatch):
   monkeypatch.setenv("CXX", "")
-  monkeypatch.setattr(cpu_kernel.shutil, "which", lambda name: None)
+  monkeypatch.setattr(native.shutil, "which", lambda name: None)
   with pytest.raises(RuntimeError, match="attention_backend='xla'"):
     cpu_kernel.build()
 

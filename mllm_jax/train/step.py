@@ -26,6 +26,7 @@ from flax import nnx
 
 from mllm_jax.parallel.sharding import constrain
 from mllm_jax.train.losses import head_cross_entropy
+from mllm_jax.train.optimizer import apply_gradients
 
 Batch = dict[str, jax.Array]
 TrainState = dict[str, Any]  # params, opt_state, step, bad_steps, bad_streak
@@ -187,12 +188,11 @@ def make_train_step(graphdef: nnx.GraphDef,
     # old and the new parameters and moments at once.
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
-    def update(params, opt_state):
-      updates, opt_state = optimizer.update(grads, opt_state, params)
-      return optax.apply_updates(params, updates), opt_state
-
     new_params, opt_state = jax.lax.cond(
-        finite, update, lambda params, opt_state: (params, opt_state),
+        finite,
+        lambda params, opt_state: apply_gradients(optimizer, grads, opt_state,
+                                                  params),
+        lambda params, opt_state: (params, opt_state),
         params, state["opt_state"])
     bad = 1 - finite.astype(jnp.int32)
     new_state = {

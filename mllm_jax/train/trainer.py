@@ -113,6 +113,7 @@ def train(model_cfg: ModelConfig, parallel: ParallelConfig,
   """
   # ------------------------------------------------------------------ set-up
   model_cfg.check_platform()
+  optimizer_cfg.check_platform()
   check_layout(model_cfg, parallel, train_cfg.batch_size,
                train_cfg.grad_accum_steps, jax.device_count())
   mesh = make_mesh(parallel)

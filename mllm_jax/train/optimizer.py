@@ -115,8 +115,8 @@ def decay_mask(params, patterns: tuple[str, ...]):
 
 class FusedAdamW(NamedTuple):
   """An optax transformation (`init`, `update`: the reference chain) plus
-  `apply(grads, state, params) -> (params, state)`, the fused kernel's
-  update of the same state. `apply_gradients` uses `apply`."""
+  `apply(grads, state, params, grad_norm=None) -> (params, state)`, the
+  fused kernel's update of the same state. `apply_gradients` uses `apply`."""
   init: Callable
   update: Callable
   apply: Callable
@@ -144,10 +144,12 @@ def make_optimizer(cfg: OptimizerConfig, params: nnx.State, total_steps: int
 
 
 def apply_gradients(optimizer: optax.GradientTransformation | FusedAdamW,
-                    grads, opt_state, params):
-  """One optimizer step: (new params, new optimizer state)."""
+                    grads, opt_state, params, grad_norm=None):
+  """One optimizer step: (new params, new optimizer state). `grad_norm`, the
+  gradients' global norm if already computed, spares the fused backend a
+  second pass over them."""
   if isinstance(optimizer, FusedAdamW):
-    return optimizer.apply(grads, opt_state, params)
+    return optimizer.apply(grads, opt_state, params, grad_norm)
   updates, opt_state = optimizer.update(grads, opt_state, params)
   return optax.apply_updates(params, updates), opt_state
 
@@ -167,13 +169,16 @@ def _fused_apply(cfg: OptimizerConfig, schedule, mask) -> Callable:
   state, updated in place (the kernel's outputs alias its inputs). Under a
   mesh each call runs per device under shard_map: the update is elementwise.
   """
-  def apply(grads, state, params):
+  def apply(grads, state, params, grad_norm=None):
     native.load(_KERNEL, ((_TARGET, "MllmAdamW"),), _KERNEL_FLAGS,
                 "optimizer.backend='optax'")
     clip_state, (adam, masked, sched) = (
         state if cfg.clip_norm else ((), state))
     count = optax.safe_increment(adam.count)
-    norm = optax.tree.norm(grads) if cfg.clip_norm else jnp.float32(0)
+    if not cfg.clip_norm:
+      norm = jnp.float32(0)
+    else:
+      norm = optax.tree.norm(grads) if grad_norm is None else grad_norm
     scalars = jnp.stack([
         (cfg.clip_norm and ~(norm < cfg.clip_norm)), norm, cfg.clip_norm,
         1 - cfg.b1**count, 1 - cfg.b2**count,

@@ -191,7 +191,7 @@ def make_train_step(graphdef: nnx.GraphDef,
     new_params, opt_state = jax.lax.cond(
         finite,
         lambda params, opt_state: apply_gradients(optimizer, grads, opt_state,
-                                                  params),
+                                                  params, grad_norm),
         lambda params, opt_state: (params, opt_state),
         params, state["opt_state"])
     bad = 1 - finite.astype(jnp.int32)

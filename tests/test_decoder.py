@@ -7,8 +7,7 @@ import pytest
 from flax import nnx
 
 from mllm_jax.modeling import KVCache
-from mllm_jax.modeling.layers import (alibi_slopes, apply_rope,
-                                     rope_frequencies)
+from mllm_jax.modeling.layers import alibi_slopes, rope_frequencies
 from mllm_jax.train.losses import token_cross_entropy
 from tests.helpers import (numpy_forward, rel_err, replace, tiny_config,
                            tiny_model, with_config)
@@ -215,21 +214,6 @@ def test_custom_vjp_gradients_equal_autodiff(preset, overrides, prefix,
   flat_b = dict(nnx.to_flat_state(grads_b))
   for path, g in flat_a:
     assert rel_err(g.get_value(), flat_b[path].get_value()) < 1e-5, path
-
-
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_rope_by_matmul_is_exact(dtype):
-  """rotate-half as a matmul by a signed permutation gives the same values."""
-  cfg = tiny_config("tiny")
-  x = jnp.asarray(np.random.RandomState(3).randn(2, 7, 4, cfg.head_size),
-                  dtype)
-  positions = jnp.asarray(np.random.RandomState(4).randint(0, 99, (2, 7)))
-  inv_freq = rope_frequencies(cfg)
-  plain = jax.jit(lambda x, p: apply_rope(x, p, inv_freq))(x, positions)
-  matmul = jax.jit(lambda x, p: apply_rope(x, p, inv_freq, True))(x,
-                                                                   positions)
-  np.testing.assert_allclose(np.float32(matmul), np.float32(plain), rtol=1e-6,
-                             atol=1e-6)
 
 
 def test_custom_vjp_in_bfloat16_is_as_close_to_float32_as_autodiff():

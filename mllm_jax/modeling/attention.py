@@ -286,8 +286,8 @@ class Attention(nnx.Module):
     v = constrain(v, ("act_batch", "act_length", "act_kv_heads", None))
     if cfg.position == "rope":
       inv_freq = rope_frequencies(cfg)
-      q = apply_rope(q, positions, inv_freq, cfg.custom_vjp)
-      k = apply_rope(k, positions, inv_freq, cfg.custom_vjp)
+      q = apply_rope(q, positions, inv_freq)
+      k = apply_rope(k, positions, inv_freq)
 
     if layer_cache is not None:
       # Decoding is memory-bound: the reference path over the whole cache.

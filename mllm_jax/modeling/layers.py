@@ -178,36 +178,17 @@ def rope_frequencies(cfg: ModelConfig) -> np.ndarray:
   return inv_freq.astype(np.float32)
 
 
-def rotate_half_matrix(dim: int) -> np.ndarray:
-  """R with x @ R == concatenate([-x2, x1]) for x = [x1, x2] (halves)."""
-  half = dim // 2
-  rotate = np.zeros((dim, dim), np.float32)
-  rotate[np.arange(half) + half, np.arange(half)] = -1.0
-  rotate[np.arange(half), np.arange(half) + half] = 1.0
-  return rotate
-
-
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray,
-               rotate_by_matmul: bool = False) -> jax.Array:
+def apply_rope(x: jax.Array, positions: jax.Array,
+               inv_freq: np.ndarray) -> jax.Array:
   """Rotates [B, T, H, D] by position, in the rotate-half layout.
 
   The two rotated coordinates of a pair sit D/2 apart (the HuggingFace layout);
   Meta's original checkpoints interleave them instead, see convert/.
-  `rotate_by_matmul` forms rotate-half(x) as x @ R (R a signed permutation,
-  exact at HIGHEST precision): the same bits, but one fused pass instead of
-  slices and a concatenate, which XLA on CPU runs as separate copies.
   """
   angles = positions.astype(jnp.float32)[:, :, None] * inv_freq  # [B,T,D/2]
   cos = jnp.cos(angles)[:, :, None, :]
   sin = jnp.sin(angles)[:, :, None, :]
   x32 = x.astype(jnp.float32)
-  if rotate_by_matmul:
-    rotated = jnp.einsum("bthd,de->bthe", x32,
-                         jnp.asarray(rotate_half_matrix(x.shape[-1])),
-                         precision=jax.lax.Precision.HIGHEST)
-    cos = jnp.concatenate([cos, cos], axis=-1)
-    sin = jnp.concatenate([sin, sin], axis=-1)
-    return (x32 * cos + rotated * sin).astype(x.dtype)
   x1, x2 = jnp.split(x32, 2, axis=-1)
   rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
   return rotated.astype(x.dtype)

@@ -11,7 +11,7 @@ The model is LLaMA with 8 layers, d=512, 8 heads, SwiGLU 1408, vocab 8192
 the same learning-rate schedule, starting from the same weights (ours,
 exported to the HF layout) on the same token batches. Ours is the trainer's
 jitted step (1-device mesh, state donated); theirs is an eager
-LlamaForCausalLM forward/backward plus `torch.optim.AdamW`.
+LlamaForCausalLM forward/backward plus `torch.optim.AdamW(fused=True)`.
 
 Steps alternate ours/theirs so that both see the same machine load; the
 first `--warmup` steps of each (compilation, allocator warm-up) are not
@@ -173,7 +173,7 @@ def build_theirs(cfg, opt_cfg, total_steps: int, hf_weights, attn: str):
         "weight_decay": opt_cfg.weight_decay},
        {"params": [p for n, p in named if no_decay(n)], "weight_decay": 0.0}],
       lr=opt_cfg.learning_rate, betas=(opt_cfg.b1, opt_cfg.b2),
-      eps=opt_cfg.eps)
+      eps=opt_cfg.eps, fused=True)  # torch's fastest CPU AdamW, like ours
   schedule = optim.learning_rate_schedule(opt_cfg, total_steps)
   learning_rates = [float(schedule(i)) for i in range(total_steps)]
   count = 0

@@ -7,8 +7,9 @@
 // broadcast, so the update streams each parameter-sized array through memory
 // several times. Here every element of the parameter, gradient and both
 // moments is read once and written once. The arithmetic is optax's, in
-// optax's order (compiled without FMA contraction), so the result matches
-// `optax.chain(clip_by_global_norm, adamw)` to the last bit.
+// optax's order, each operation rounded on its own (compiled without FMA
+// contraction), so the result matches `optax.chain(clip_by_global_norm,
+// adamw)` to float32 rounding (XLA may contract some multiply-adds).
 //
 // Inputs: param, grad, mu, nu (same shape) and a float32 [6] vector of
 // per-step scalars: clip (1 = scale the gradient), global norm, max norm,

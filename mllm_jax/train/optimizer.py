@@ -156,8 +156,8 @@ def apply_gradients(optimizer: optax.GradientTransformation | FusedAdamW,
 
 _KERNEL = pathlib.Path(__file__).with_name("cpu_adamw.cc")
 _TARGET = "mllm_jax_cpu_adamw"
-# No FMA contraction, so the kernel rounds each of optax's operations as XLA
-# does; errno-free sqrt, so the loop vectorises.
+# No FMA contraction, so each of optax's operations is rounded on its own;
+# errno-free sqrt, so the loop vectorises.
 _KERNEL_FLAGS = ("-ffp-contract=off", "-fno-math-errno")
 
 

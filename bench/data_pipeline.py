@@ -37,6 +37,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from bench.host import host_line, load_line  # noqa: E402
 
 from data_pipeline import corpus  # noqa: E402
 from data_pipeline.exact_dedup import duplicate_spans  # noqa: E402
@@ -196,6 +197,7 @@ def sa_texts(min_mb: int) -> list[str]:
 
 
 def main() -> None:
+  print(host_line(), flush=True)
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--en-step", type=int, default=4,
                   help="Every k-th LibreOffice en page goes in the WARC.")
@@ -278,3 +280,4 @@ def run_exact(sa_mb: int) -> list:
 
 if __name__ == "__main__":
   main()
+  print(f"end: {load_line()}")

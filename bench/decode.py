@@ -20,9 +20,11 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.host import host_line, load_line  # noqa: E402
 
 
 def main() -> None:
+  print(host_line(), flush=True)
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--new_tokens", type=int, default=128)
   parser.add_argument("--prompt_len", type=int, default=32)
@@ -99,3 +101,4 @@ def main() -> None:
 
 if __name__ == "__main__":
   main()
+  print(f"end: {load_line()}")

@@ -22,6 +22,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.host import host_line, load_line  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -30,15 +31,14 @@ from flax import nnx  # noqa: E402
 
 from mllm_jax.configlib import ConfigError  # noqa: E402
 from mllm_jax.modeling import Decoder, ModelConfig, count_params  # noqa: E402
-from mllm_jax.parallel.mesh import ParallelConfig, make_mesh  # noqa: E402
-from mllm_jax.parallel.sharding import create_sharded, use_mesh  # noqa: E402
-from mllm_jax.train.compile import batch_sharding, jit_train_step  # noqa: E402
+from mllm_jax.parallel.config import ParallelConfig  # noqa: E402
+from mllm_jax.parallel.mesh import make_mesh  # noqa: E402
+from mllm_jax.parallel.sharding import use_mesh  # noqa: E402
+from mllm_jax.train.compile import build_program, initial_state  # noqa: E402
 from mllm_jax.train.metrics import (peak_flops_per_device,  # noqa: E402
                                     train_flops_per_token)
-from mllm_jax.train.optimizer import (OptimizerConfig,  # noqa: E402
-                                      learning_rate_schedule, make_optimizer)
-from mllm_jax.train.step import init_train_state  # noqa: E402
-from mllm_jax.parallel.sharding import param_shardings  # noqa: E402
+from mllm_jax.train.config import OptimizerConfig, TrainConfig  # noqa: E402
+from mllm_jax.train.task import language_model_task  # noqa: E402
 
 # configs/models.py presets, repeated here without ml_collections so the
 # script runs on a bare accelerator image.
@@ -81,6 +81,7 @@ def check_backend(cfg: ModelConfig, batch: dict) -> float:
 
 
 def main():
+  print(host_line(), flush=True)
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--preset", default="1b", choices=sorted(PRESETS))
   parser.add_argument("--batch", type=int, default=8)
@@ -120,25 +121,19 @@ def main():
     print(f"{args.attention} vs xla logits, relative max difference: "
           f"{check_backend(cfg, batch):.2e}", flush=True)
 
+  # The trainer's own program: the pretraining task, set up as train() does.
   parallel = ParallelConfig(data=1, fsdp=-1)
   mesh = make_mesh(parallel)
-  model = create_sharded(lambda: Decoder(cfg, rngs=nnx.Rngs(0)), mesh,
-                         parallel.rules)
-  graphdef, params = nnx.split(model)
-  opt_cfg = OptimizerConfig(warmup_steps=10)
-  optimizer = make_optimizer(opt_cfg, params, 1000)
-  state = init_train_state(params, optimizer)
-  shardings = param_shardings(jax.eval_shape(lambda: state), mesh,
-                              parallel.rules)
-  step = jit_train_step(graphdef, optimizer,
-                        learning_rate_schedule(opt_cfg, 1000), shardings,
-                        batch_sharding(mesh, parallel.rules), 1, 0.0)
-  device_batch = jax.device_put(batch, batch_sharding(mesh, parallel.rules))
+  program = build_program(language_model_task(cfg), parallel,
+                          OptimizerConfig(warmup_steps=10),
+                          TrainConfig(steps=1000, batch_size=args.batch), mesh)
+  state, frozen = initial_state(program, seed=0)
+  device_batch = jax.device_put(batch, program.batch_sharding)
   times = []
   with use_mesh(mesh, parallel.rules):
     for i in range(args.warmup + args.steps):
       start = time.perf_counter()
-      state, metrics = step(state, device_batch)
+      state, metrics = program.step(state, frozen, device_batch)
       float(metrics["loss"])  # wait for the step
       if i >= args.warmup:
         times.append(time.perf_counter() - start)
@@ -155,3 +150,4 @@ def main():
 
 if __name__ == "__main__":
   main()
+  print(f"end: {load_line()}")

@@ -41,6 +41,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.host import host_line, load_line  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import train_step as bench  # noqa: E402  pylint: disable=wrong-import-position
@@ -85,6 +86,7 @@ def compiled_ops(hlo: str) -> dict[str, tuple[str, str]]:
 
 
 def main() -> None:
+  print(host_line(), flush=True)
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", type=int, default=3, help="traced steps")
   parser.add_argument("--batch", type=int, default=8)
@@ -245,3 +247,4 @@ def swiglu_ceiling(cfg, batch: int, seq: int, repeats: int) -> None:
 
 if __name__ == "__main__":
   main()
+  print(f"end: {load_line()}")

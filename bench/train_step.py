@@ -36,6 +36,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.host import host_line, load_line  # noqa: E402
 
 VOCAB, DIM, LAYERS, HEADS, MLP = 8192, 512, 8, 8, 1408
 # Set by default (docs/benchmarks.md): on 2 cores XLA's concurrency-optimised
@@ -104,43 +105,32 @@ def train_batch(tokens: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def build_ours(cfg, opt_cfg, total_steps: int):
-  """Our train step, set up as `mllm_jax.train.trainer.train` does it (mesh
-  over the one device, sharded state, `jit_train_step`: shardings in and
-  out, state donated). Returns (step(tokens) -> loss, initial weights in the
-  HF layout)."""
+  """Our train step exactly as `mllm_jax.train.trainer.train` runs it: the
+  pretraining task through `build_program` and `initial_state` (mesh over
+  the one device, sharded state, shardings in and out, state donated).
+  Returns (step(tokens) -> loss, initial weights in the HF layout)."""
   # pylint: disable=import-outside-toplevel
   import jax
-  from flax import nnx
   from mllm_jax.convert import hf
-  from mllm_jax.modeling import Decoder
-  from mllm_jax.parallel.mesh import ParallelConfig, make_mesh
-  from mllm_jax.parallel.sharding import (create_sharded, param_shardings,
-                                          use_mesh)
-  from mllm_jax.train import optimizer as optim, step as train_step
-  from mllm_jax.train.compile import batch_sharding, jit_train_step
+  from mllm_jax.parallel.config import ParallelConfig
+  from mllm_jax.parallel.mesh import make_mesh
+  from mllm_jax.parallel.sharding import use_mesh
+  from mllm_jax.train.compile import build_program, initial_state
+  from mllm_jax.train.config import TrainConfig
+  from mllm_jax.train.task import language_model_task
   # pylint: enable=import-outside-toplevel
   parallel = ParallelConfig()
   mesh = make_mesh(parallel)
-  rules = parallel.rules
-  batch_shardings = batch_sharding(mesh, rules)
-  model = create_sharded(lambda: Decoder(cfg, rngs=nnx.Rngs(0)), mesh, rules)
-  graphdef, params = nnx.split(model)
-  hf_weights = dict(hf.params_to_hf(cfg, params))
-  schedule = optim.learning_rate_schedule(opt_cfg, total_steps)
-  optimizer = optim.make_optimizer(opt_cfg, params, total_steps)
-  init = lambda p: train_step.init_train_state(p, optimizer)
-  state_shardings = param_shardings(jax.eval_shape(init, params), mesh, rules)
-  with use_mesh(mesh, rules):
-    state = jax.jit(init, out_shardings=state_shardings)(params)
-  del model, params
-  step_fn = jit_train_step(graphdef, optimizer, schedule, state_shardings,
-                           batch_shardings, grad_accum_steps=1, z_loss=0.0)
+  program = build_program(language_model_task(cfg), parallel, opt_cfg,
+                          TrainConfig(steps=total_steps), mesh)
+  state, frozen = initial_state(program, seed=0)
+  hf_weights = dict(hf.params_to_hf(cfg, state["params"]))
 
   def step(tokens: np.ndarray) -> float:
     nonlocal state
-    batch = jax.device_put(train_batch(tokens), batch_shardings)
-    with use_mesh(mesh, rules):
-      state, out = step_fn(state, batch)
+    batch = jax.device_put(train_batch(tokens), program.batch_sharding)
+    with use_mesh(mesh, program.rules):
+      state, out = program.step(state, frozen, batch)
     return float(out["loss"])  # waits for the whole step
 
   return step, hf_weights
@@ -197,6 +187,7 @@ def build_theirs(cfg, opt_cfg, total_steps: int, hf_weights, attn: str):
 
 
 def main() -> None:
+  print(host_line(), flush=True)
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", type=int, default=10,
                       help="timed steps per side")
@@ -298,3 +289,4 @@ def main() -> None:
 
 if __name__ == "__main__":
   main()
+  print(f"end: {load_line()}")

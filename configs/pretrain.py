@@ -17,9 +17,8 @@ import dataclasses
 import ml_collections
 
 from configs.models import model_config
-from mllm_jax.parallel.mesh import ParallelConfig
-from mllm_jax.train.optimizer import OptimizerConfig
-from mllm_jax.train.trainer import TrainConfig
+from mllm_jax.parallel.config import ParallelConfig
+from mllm_jax.train.config import OptimizerConfig, TrainConfig
 
 # preset -> (model preset, model overrides, one host mesh, pod mesh, remat,
 #            global batch in sequences, sequence length, peak learning rate)

@@ -31,15 +31,15 @@ from ml_collections import config_flags
 
 from mllm_jax.configlib import ConfigError, check, from_config
 from mllm_jax.modeling import ModelConfig, count_params
-from mllm_jax.parallel.mesh import ParallelConfig, make_mesh
-from mllm_jax.parallel.sharding import use_mesh
-from mllm_jax.train.compile import (abstract_train_step, check_layout,
+from mllm_jax.parallel.config import ParallelConfig
+from mllm_jax.parallel.mesh import make_mesh
+from mllm_jax.train.compile import (build_program, check_layout,
                                     traced_matmul_flops)
+from mllm_jax.train.task import language_model_task
 from mllm_jax.train.metrics import (DATASHEET_PEAK_FLOPS,
                                     measure_cpu_peak_flops,
                                     train_flops_per_token)
-from mllm_jax.train.optimizer import OptimizerConfig
-from mllm_jax.train.trainer import TrainConfig
+from mllm_jax.train.config import OptimizerConfig, TrainConfig
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training config file and preset, e.g. "
@@ -249,11 +249,11 @@ def main(argv):
     check_layout(model_cfg, parallel, train_cfg.batch_size,
                  train_cfg.grad_accum_steps, chips)
     mesh = make_mesh(parallel, target.devices)
-    step = abstract_train_step(
-        model_cfg, parallel, optimizer_cfg, steps=train_cfg.steps,
-        batch_size=train_cfg.batch_size, seq_len=seq_len,
-        grad_accum_steps=train_cfg.grad_accum_steps, z_loss=train_cfg.z_loss,
-        mesh=mesh, seed=config.seed)
+    # The trainer's own program for this stage, built without allocating.
+    task = language_model_task(model_cfg, z_loss=train_cfg.z_loss,
+                               trainable=train_cfg.trainable)
+    program = build_program(task, parallel, optimizer_cfg, train_cfg, mesh,
+                            config.seed)
   except ConfigError as e:
     sys.exit(f"error: {e}")
 
@@ -273,10 +273,9 @@ def main(argv):
 
   # ------------------------------------------------------------ compile
   start = time.perf_counter()
-  with use_mesh(mesh, step.rules):
-    traced = step.step.trace(step.state, step.batch)
+  traced = program.trace(train_cfg.batch_size, seq_len)
   lowered = traced.lower()
-  drift = dtype_drift(step.state, lowered.out_info[0])
+  drift = dtype_drift(program.state, lowered.out_info[0])
   if drift:
     print(f"WARNING: the step changes the dtype of {len(drift)} state leaves "
           f"(e.g. {drift[0]}); the trainer recompiles on step 2 with that "

@@ -20,7 +20,7 @@ from absl import app, flags, logging
 
 from mllm_jax.configlib import ConfigError
 from mllm_jax.convert import hf
-from mllm_jax.runtime import quiet_library_logs, require_flags
+from launch.flags import quiet_library_logs, require_flags
 
 _FROM = flags.DEFINE_enum(
     "from", None, ["hf", "native"],

@@ -20,11 +20,11 @@ from mllm_jax.configlib import ConfigError
 from mllm_jax.convert import native
 from mllm_jax.eval import runner
 from mllm_jax.data.tokenizer import load_tokenizer
-from mllm_jax import runtime
-from mllm_jax.runtime import mesh_from_flag, quiet_library_logs, require_flags
+from launch import flags as launch_flags
+from launch.flags import mesh_from_flag, quiet_library_logs, require_flags
 
-_CHECKPOINT, _TOKENIZER, _MESH = runtime.define_inference_flags()
-flags.adopt_module_key_flags(runtime)
+_CHECKPOINT, _TOKENIZER, _MESH = launch_flags.define_inference_flags()
+flags.adopt_module_key_flags(launch_flags)
 _TASKS = flags.DEFINE_list("tasks", None, "Comma-separated task names.")
 _NUM_FEWSHOT = flags.DEFINE_integer(
     "num_fewshot", None, "Demonstrations per query (default: per task).")

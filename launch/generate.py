@@ -21,11 +21,11 @@ from mllm_jax.configlib import ConfigError
 from mllm_jax.convert import native
 from mllm_jax.generate.sampler import Sampler, check_sampling_flags
 from mllm_jax.data.tokenizer import load_tokenizer
-from mllm_jax import runtime
-from mllm_jax.runtime import mesh_from_flag, quiet_library_logs, require_flags
+from launch import flags as launch_flags
+from launch.flags import mesh_from_flag, quiet_library_logs, require_flags
 
-_CHECKPOINT, _TOKENIZER, _MESH = runtime.define_inference_flags()
-flags.adopt_module_key_flags(runtime)
+_CHECKPOINT, _TOKENIZER, _MESH = launch_flags.define_inference_flags()
+flags.adopt_module_key_flags(launch_flags)
 _PROMPT = flags.DEFINE_multi_string("prompt", [],
                                     "Prompt(s); repeat for a batch.")
 _CHAT = flags.DEFINE_bool("chat", False, "Interactive chat on stdin.")

@@ -21,22 +21,25 @@ import sys
 import jax
 import numpy as np
 from absl import app, flags
-from flax import nnx
 from ml_collections import config_flags
 
 from mllm_jax.configlib import ConfigError, check, from_config
-from mllm_jax.convert.native import load_model, save_model
+from mllm_jax.convert.native import read_config, save_model
 from mllm_jax.data import shards
 from mllm_jax.data.config import DataConfig
 from mllm_jax.data.pipeline import (check_data, make_eval_batches,
                                     make_pretrain_iterator)
 from mllm_jax.data.samples import prepare_shakespeare
-from mllm_jax.runtime import keep_freed_memory, quiet_library_logs
+from launch.flags import quiet_library_logs
+from mllm_jax.runtime import keep_freed_memory
 from mllm_jax.modeling import ModelConfig
-from mllm_jax.parallel.mesh import ParallelConfig, initialize_distributed
+from mllm_jax.parallel.config import ParallelConfig
+from mllm_jax.parallel.mesh import initialize_distributed
 from mllm_jax.train.metrics import console
-from mllm_jax.train.optimizer import OptimizerConfig
-from mllm_jax.train.trainer import TrainConfig, train
+from mllm_jax.train.config import OptimizerConfig, TrainConfig
+from mllm_jax.train.compile import check_layout
+from mllm_jax.train.task import language_model_task
+from mllm_jax.train.trainer import train
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Pretraining config file and preset, e.g. "
@@ -101,14 +104,19 @@ def main(argv):
           f"model.vocab_size is {model_cfg.vocab_size}; ids would index past "
           f"the embedding")
     model_cfg.check_seq_len(data_cfg.seq_len)
-    init_params = None
+    model_cfg.check_platform()
+    optimizer_cfg.check_platform()
+    check_layout(model_cfg, parallel, train_cfg.batch_size,
+                 train_cfg.grad_accum_steps, jax.device_count())
     if config.init_checkpoint:
-      init_cfg, init_model = load_model(config.init_checkpoint)
-      check(init_cfg.vocab_size == model_cfg.vocab_size, "init_checkpoint",
-            f"{config.init_checkpoint} has vocab_size={init_cfg.vocab_size} "
-            f"but the model/tokenizer need {model_cfg.vocab_size}; resize it "
-            f"with launch.train_tokenizer --extend")
-      init_params = nnx.state(init_model)
+      init_vocab = read_config(config.init_checkpoint).vocab_size
+      check(init_vocab == model_cfg.vocab_size, "init_checkpoint",
+            f"{config.init_checkpoint} has vocab_size={init_vocab} but the "
+            f"model/tokenizer need {model_cfg.vocab_size}; resize it with "
+            f"launch.train_tokenizer --extend")
+    task = language_model_task(model_cfg, z_loss=train_cfg.z_loss,
+                               trainable=train_cfg.trainable,
+                               init_checkpoint=config.init_checkpoint)
   except (ConfigError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
 
@@ -121,13 +129,12 @@ def main(argv):
   eval_batches = list(make_eval_batches(
       data_cfg, train_cfg.batch_size, train_cfg.eval_batches)) if (
           data_cfg.eval_sources) else []
-  last, params = train(model_cfg, parallel, optimizer_cfg, train_cfg,
-                       config.seed, workdir, train_iter, eval_batches,
-                       init_params)
+  last, model = train(task, parallel, optimizer_cfg, train_cfg, config.seed,
+                      workdir, train_iter, eval_batches)
   # The final weights as a native model checkpoint (generate / evaluate /
   # convert_checkpoint read this), with the tokenizer beside it.
   model_dir = os.path.join(workdir, "model")
-  save_model(model_dir, model_cfg, params, overwrite=True)
+  save_model(model_dir, model_cfg, model, overwrite=True)
   if jax.process_index() == 0:
     shutil.copy(data_cfg.tokenizer, os.path.join(
         model_dir, "tokenizer" + os.path.splitext(data_cfg.tokenizer)[1]))

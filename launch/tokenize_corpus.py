@@ -20,8 +20,8 @@ from absl import app, flags, logging
 
 from mllm_jax.data import readers, shards
 from mllm_jax.data.tokenizer import load_tokenizer
-from mllm_jax import runtime
-from mllm_jax.runtime import define_text_flags, require_flags
+from launch import flags as launch_flags
+from launch.flags import define_text_flags, require_flags
 
 _INPUT = flags.DEFINE_string(
     "input", None, "Comma-separated globs: .txt (see --text_split), .jsonl "
@@ -32,7 +32,7 @@ _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Shard directory.")
 _NAME = flags.DEFINE_string(
     "name", "train", "Shard name prefix (e.g. train, eval, commoncrawl).")
 _TEXT_FIELD, _TEXT_SPLIT, _CHUNK_CHARS = define_text_flags()
-flags.adopt_module_key_flags(runtime)
+flags.adopt_module_key_flags(launch_flags)
 _ADD_BOS = flags.DEFINE_bool(
     "add_bos", False, "Start every document with BOS (EOS always ends it).")
 _SHARD_TOKENS = flags.DEFINE_integer(

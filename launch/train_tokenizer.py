@@ -22,8 +22,8 @@ from absl import app, flags, logging
 
 from mllm_jax.configlib import ConfigError
 from mllm_jax.data import readers, tokenizer, vocab
-from mllm_jax import runtime
-from mllm_jax.runtime import define_text_flags, require_flags
+from launch import flags as launch_flags
+from launch.flags import define_text_flags, require_flags
 
 _INPUT = flags.DEFINE_string(
     "input", None, "Comma-separated globs of training text: .txt (see "
@@ -36,7 +36,7 @@ _VOCAB_SIZE = flags.DEFINE_integer(
     "vocab_size", 32000, "New tokenizer: total vocabulary size, including "
     "the 4 control tokens, the special tokens and 256 byte pieces.")
 _TEXT_FIELD, _TEXT_SPLIT, _CHUNK_CHARS = define_text_flags()
-flags.adopt_module_key_flags(runtime)
+flags.adopt_module_key_flags(launch_flags)
 _MAX_SENTENCES = flags.DEFINE_integer(
     "max_sentences", 0, "New tokenizer: train on a random sample of this "
     "many lines (0: every line). Large corpora need a cap (memory).")

@@ -19,8 +19,8 @@ from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 from mllm_jax.modeling import Decoder  # noqa: E402
-from mllm_jax.parallel.mesh import (ParallelConfig, initialize_distributed,  # noqa: E402
-                                    make_mesh)
+from mllm_jax.parallel.config import ParallelConfig  # noqa: E402
+from mllm_jax.parallel.mesh import initialize_distributed, make_mesh  # noqa: E402
 from mllm_jax.parallel.sharding import create_sharded, use_mesh  # noqa: E402
 from mllm_jax.train.losses import token_cross_entropy  # noqa: E402
 from tests.helpers import tiny_config  # noqa: E402

@@ -13,6 +13,20 @@ from mllm_jax.configlib import from_config
 from mllm_jax.modeling import Decoder, ModelConfig
 
 
+# What a step gets as frozen parameters when everything trains.
+NOTHING_FROZEN = nnx.State({})
+
+
+def lm_train_step(graphdef, optimizer, schedule, accum: int = 1,
+                  z_loss: float = 0.0):
+  """The pretraining step (next-token loss) as make_train_step builds it:
+  step(state, frozen, batch)."""
+  from mllm_jax.train.step import make_train_step  # pylint: disable=g-import-not-at-top
+  from mllm_jax.train.task import lm_loss  # pylint: disable=g-import-not-at-top
+  return make_train_step(graphdef, optimizer, schedule, lm_loss(z_loss),
+                         accum)
+
+
 def tiny_config(preset: str = "tiny", **overrides) -> ModelConfig:
   return from_config(ModelConfig, model_config(preset, **overrides), "model")
 

@@ -1,10 +1,20 @@
 """Configs fail before compilation with messages that name the field."""
 
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 
 from configs.models import PRESETS, model_config
 from mllm_jax.configlib import ConfigError, from_config
 from mllm_jax.modeling import ModelConfig, count_params
+from mllm_jax.parallel.config import ParallelConfig
+from mllm_jax.parallel.mesh import make_mesh, parse_mesh
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize("name,expected", [
@@ -75,3 +85,100 @@ def test_sequence_the_model_cannot_train_names_the_field():
   with pytest.raises(ConfigError, match="data.seq_len.*max_seq_len=64"):
     cfg.check_seq_len(96)
   ModelConfig(max_seq_len=64, loss_chunk_len=16).check_seq_len(64)
+
+
+# Every configs/*.py module is imported and every preset's get_config called,
+# in a fresh interpreter, then the heavy libraries must still be absent: a
+# config file reads light dataclasses only (mllm_jax/*/config.py).
+HEAVY = ("jax", "flax", "optax", "orbax", "grain")
+IMPORT_EVERY_CONFIG = textwrap.dedent("""
+    import inspect, json, pkgutil, sys
+    import configs
+    from mllm_jax.configlib import from_config
+    from mllm_jax.data.config import DataConfig
+    from mllm_jax.modeling.config import ModelConfig
+    from mllm_jax.parallel.config import ParallelConfig
+    from mllm_jax.train.config import OptimizerConfig, TrainConfig
+
+    # Presets of modules whose get_config names one (default: PRESETS).
+    NAMES = {"configs.mixtures": ("llama", "shakespeare")}
+    SECTIONS = {"model": ModelConfig, "parallel": ParallelConfig,
+                "optimizer": OptimizerConfig, "train": TrainConfig}
+    called = {}
+    for info in pkgutil.walk_packages(configs.__path__, "configs."):
+      module = __import__(info.name, fromlist=["_"])
+      get_config = getattr(module, "get_config", None)
+      if get_config is None:
+        continue
+      if inspect.signature(get_config).parameters:
+        names = NAMES.get(info.name) or tuple(module.PRESETS)
+        if info.name == "configs.pretrain":
+          names += tuple(n + "-pod" for n in module.PRESETS)
+      else:
+        names = (None,)
+      for name in names:
+        config = get_config() if name is None else get_config(name)
+        # The typed sections validate too (parallel: no stage > 1).
+        for section, cls in SECTIONS.items():
+          if section in config:
+            from_config(cls, config[section], section)
+        if info.name == "configs.mixtures":
+          from_config(DataConfig, config.data, "data")
+      called[info.name] = names
+    heavy = sorted(m for m in sys.modules
+                   if m.split(".")[0] in %r)
+    print(json.dumps({"called": called, "heavy": heavy}))
+""" % (HEAVY,))
+
+
+def test_configs_import_no_jax():
+  out = subprocess.run([sys.executable, "-c", IMPORT_EVERY_CONFIG], cwd=ROOT,
+                       capture_output=True, text=True, check=False)
+  assert out.returncode == 0, out.stderr
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert result["heavy"] == [], (
+      f"importing configs/*.py pulled in {result['heavy']}")
+  called = result["called"]
+  assert {"configs.models", "configs.pretrain", "configs.mixtures",
+          "configs.data.refinedweb"} <= set(called)
+  assert "65b-pod" in called["configs.pretrain"]
+  assert set(PRESETS) <= set(called["configs.models"])
+
+
+def test_modeling_package_exports_load_lazily():
+  import mllm_jax.modeling as modeling  # pylint: disable=import-outside-toplevel
+  from mllm_jax.modeling import Decoder, KVCache  # pylint: disable=import-outside-toplevel
+  from mllm_jax.modeling.attention import KVCache as kv_cache  # pylint: disable=import-outside-toplevel
+  from mllm_jax.modeling.decoder import Decoder as decoder  # pylint: disable=import-outside-toplevel
+  assert (Decoder, KVCache) == (decoder, kv_cache)
+  assert {"Decoder", "KVCache", "ModelConfig", "count_params"} <= set(
+      dir(modeling))
+  with pytest.raises(AttributeError, match="no attribute 'Decodr'"):
+    modeling.Decodr  # pylint: disable=pointless-statement
+
+
+# ----------------------------------------------------------------------------
+# The mesh: no pipeline parallelism yet, so the stage axis must be 1
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stage", [2, 4, -1])
+def test_stage_axis_above_one_is_refused(stage):
+  message = r"parallel\.stage: .*pipeline parallelism does not exist yet.*" \
+            r"stage axis must be 1"
+  with pytest.raises(ConfigError, match=message):
+    from_config(ParallelConfig, {"data": 1, "stage": stage}, "parallel")
+  with pytest.raises(ConfigError, match=message):
+    ParallelConfig(data=1, stage=stage).validate()
+  # Nor can it reach a mesh another way: the --mesh flag or make_mesh.
+  with pytest.raises(ConfigError, match=r"mesh\.stage: .*pipeline"):
+    parse_mesh(f"data=1,stage={stage}")
+  with pytest.raises(ConfigError, match="pipeline parallelism"):
+    make_mesh(ParallelConfig(data=-1 if stage != -1 else 1, stage=stage))
+
+
+def test_stage_axis_of_one_is_accepted():
+  parallel = from_config(ParallelConfig, {"data": -1, "stage": 1, "fsdp": 2},
+                         "parallel")
+  assert dict(make_mesh(parallel).shape) == {
+      "data": 4, "stage": 1, "fsdp": 2, "sequence": 1, "tensor": 1}

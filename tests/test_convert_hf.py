@@ -22,7 +22,8 @@ from mllm_jax.configlib import ConfigError  # noqa: E402
 from mllm_jax.convert import hf, meta, native  # noqa: E402
 from mllm_jax.modeling.config import ModelConfig  # noqa: E402
 from mllm_jax.modeling.layers import apply_rope, rope_frequencies  # noqa: E402
-from mllm_jax.parallel.mesh import ParallelConfig, make_mesh  # noqa: E402
+from mllm_jax.parallel.config import ParallelConfig  # noqa: E402
+from mllm_jax.parallel.mesh import make_mesh  # noqa: E402
 from mllm_jax.parallel.sharding import param_shardings  # noqa: E402
 from tests.helpers import random_hf_llama  # noqa: E402
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from mllm_jax.configlib import ConfigError
-from mllm_jax import native
-from mllm_jax.modeling import cpu_kernel
+from mllm_jax.kernels import build as native
+from mllm_jax.kernels import cpu_attention
 from mllm_jax.modeling.attention import (attention_bias, attention_mask,
                                          cpu_fused_attention, xla_attention)
 from mllm_jax.modeling.layers import alibi_slopes
@@ -83,10 +83,10 @@ def test_bfloat16_inputs_run_in_float32_and_keep_their_dtype():
 
 def test_second_build_reuses_the_cached_library(tmp_path, monkeypatch):
   monkeypatch.setenv("MLLM_JAX_KERNEL_CACHE", str(tmp_path))
-  library = cpu_kernel.build()
+  library = cpu_attention.build()
   assert library.parent == tmp_path and library.exists()
   stamp = library.stat().st_mtime_ns
-  assert cpu_kernel.build() == library
+  assert cpu_attention.build() == library
   assert library.stat().st_mtime_ns == stamp  # not rebuilt
 
 
@@ -94,16 +94,16 @@ def test_missing_compiler_names_the_backend_and_the_fix(monkeypatch):
   monkeypatch.setenv("CXX", "")
   monkeypatch.setattr(native.shutil, "which", lambda name: None)
   with pytest.raises(RuntimeError, match="attention_backend='xla'"):
-    cpu_kernel.build()
+    cpu_attention.build()
 
 
 def test_mismatched_shapes_are_refused_by_the_kernel():
   q, k, v, mask, _ = inputs(b=1, t=16, h=2, kv=1, d=16)
   bias = attention_bias(mask)
   with pytest.raises(Exception, match="bias must be"):
-    cpu_kernel.fused_attention_core(q, k, v, bias[:, :, :8])
+    cpu_attention.fused_attention_core(q, k, v, bias[:, :, :8])
   with pytest.raises(Exception, match="k and v shapes differ"):
-    cpu_kernel.fused_attention_core(q, k, v[:, :8], bias)
+    cpu_attention.fused_attention_core(q, k, v[:, :8], bias)
 
 
 @pytest.mark.parametrize("platform", ["gpu", "tpu"])

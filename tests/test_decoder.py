@@ -97,6 +97,51 @@ def test_prefix_is_bidirectional_and_the_rest_causal():
                              out[:, :8], atol=1e-6)
 
 
+def test_input_embeddings_replace_the_token_lookup():
+  """The multimodal path: embeddings given directly (here the tokens' own,
+  then one position replaced by a foreign vector) drive the decoder."""
+  _, model = tiny_model("tiny")
+  embedded = model.embed_tokens(TOKENS)
+  np.testing.assert_array_equal(model(None, embeddings=embedded),
+                                model(TOKENS))
+  spliced = embedded.at[:, 2].set(0.5)  # an "image feature" at position 2
+  out = model(TOKENS, embeddings=spliced)
+  np.testing.assert_array_equal(out[:, :2], model(TOKENS)[:, :2])
+  assert np.abs(out[:, 2:] - model(TOKENS)[:, 2:]).max() > 1e-4
+  with pytest.raises(ValueError, match="embed_dim"):
+    model(None, embeddings=embedded[..., :8])
+
+
+def test_the_train_step_trains_a_bidirectional_prefix():
+  """A `prefix_mask` field in the batch reaches attention: the prefix-LM
+  loss differs from the causal one, and training on it lowers it."""
+  from mllm_jax.train.config import OptimizerConfig  # pylint: disable=g-import-not-at-top
+  from mllm_jax.train.optimizer import make_optimizer  # pylint: disable=g-import-not-at-top
+  from mllm_jax.train.step import init_train_state  # pylint: disable=g-import-not-at-top
+  from tests.helpers import NOTHING_FROZEN, lm_train_step  # pylint: disable=g-import-not-at-top
+  _, model = tiny_model("tiny")
+  graphdef, params = nnx.split(model)
+  b, t = TOKENS.shape
+  prefix = np.zeros((b, t - 1), bool)
+  prefix[:, :5] = True
+  batch = {"inputs": TOKENS[:, :-1], "targets": TOKENS[:, 1:],
+           "loss_weights": (~prefix).astype(np.float32),  # loss after it
+           "segment_ids": np.ones((b, t - 1), np.int32),
+           "positions": np.tile(np.arange(t - 1, dtype=np.int32), (b, 1))}
+  optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-2,
+                                             warmup_steps=0), params, 10)
+  step = jax.jit(lm_train_step(graphdef, optimizer, lambda count: 1e-2))
+  state = init_train_state(params, optimizer)
+  _, causal = step(state, NOTHING_FROZEN, batch)
+  losses = []
+  for _ in range(5):
+    state, metrics = step(state, NOTHING_FROZEN,
+                          {**batch, "prefix_mask": prefix})
+    losses.append(float(metrics["loss"]))
+  assert abs(losses[0] - float(causal["loss"])) > 1e-5
+  assert losses[-1] < losses[0]
+
+
 @pytest.mark.parametrize("backend", ["dot_product", "splash", "cpu_fused"])
 def test_attention_backends_agree_with_reference(backend):
   cfg, model = tiny_model("tiny")

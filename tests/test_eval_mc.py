@@ -2,13 +2,16 @@
 real benchmark prompts, golden prompt strings per task family, and the
 deterministic few-shot draw."""
 
+import ast
+import pathlib
+
 import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from mllm_jax.convert import native  # noqa: E402
-from mllm_jax.eval import ceval, tasks  # noqa: E402
+from mllm_jax.eval import ceval, tasks, templates  # noqa: E402
 from mllm_jax.eval.scoring import Scorer  # noqa: E402
 from mllm_jax.eval.templates import (ClassificationTask, Template,  # noqa: E402
                                      draw_demonstrations)
@@ -240,3 +243,51 @@ def test_ceval_loader(tmp_path):
   (tmp_path / "bad_val.csv").write_text(header + "0,,a,b,c,d,A,\n")
   with pytest.raises(ValueError, match="question"):
     ceval.read_csv(str(tmp_path / "bad_val.csv"))
+
+
+# ----------------------------------------------------------------------------
+# Package structure
+# ----------------------------------------------------------------------------
+
+
+def _eval_imports() -> dict[str, set[str]]:
+  """module -> the mllm_jax.eval modules it imports (function-level too)."""
+  folder = pathlib.Path(templates.__file__).parent
+  names = {p.stem for p in folder.glob("*.py")} - {"__init__"}
+  graph = {}
+  for name in names:
+    tree = ast.parse((folder / f"{name}.py").read_text())
+    found = set()
+    for node in ast.walk(tree):
+      if isinstance(node, ast.ImportFrom) and node.module:
+        if node.module == "mllm_jax.eval":
+          found.update(a.name for a in node.names if a.name in names)
+        elif node.module.startswith("mllm_jax.eval."):
+          found.add(node.module.split(".")[2])
+      elif isinstance(node, ast.Import):
+        found.update(a.name.split(".")[2] for a in node.names
+                     if a.name.startswith("mllm_jax.eval."))
+    graph[name] = found - {name}
+  return graph
+
+
+def test_eval_modules_import_in_one_direction():
+  graph = _eval_imports()
+  assert "templates" in graph["tasks"] and "tasks" not in graph["templates"]
+
+  def cycle_from(node, path):
+    if node in path:
+      return path[path.index(node):] + [node]
+    for nxt in sorted(graph[node]):
+      found = cycle_from(nxt, path + [node])
+      if found:
+        return found
+    return None
+
+  for start in sorted(graph):
+    assert cycle_from(start, []) is None, " -> ".join(cycle_from(start, []))
+  # Names keep working from both modules their callers use.
+  assert tasks.MCExample is templates.MCExample
+  assert isinstance(ClassificationTask(Template("[X] is [Z]"), ("a", "b"),
+                                       ["x"], [0]).examples()[0],
+                    tasks.MCExample)

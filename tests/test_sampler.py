@@ -21,8 +21,8 @@ from mllm_jax.generate.sampler import Sampler  # noqa: E402
 from mllm_jax.generate.sampling import (  # noqa: E402
     SamplingParams, filter_logits, sample)
 from mllm_jax.modeling import Decoder, ModelConfig  # noqa: E402
-from mllm_jax.parallel.mesh import ParallelConfig, make_mesh  # noqa: E402
-from mllm_jax.parallel.sharding import DEFAULT_RULES  # noqa: E402
+from mllm_jax.parallel.config import DEFAULT_RULES, ParallelConfig  # noqa: E402
+from mllm_jax.parallel.mesh import make_mesh  # noqa: E402
 from tests.helpers import random_hf_llama  # noqa: E402
 
 VOCAB = 259  # ByteTokenizer's size, so eval tests can share the model.

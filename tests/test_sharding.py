@@ -11,8 +11,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mllm_jax.configlib import ConfigError, from_config
 from mllm_jax.modeling import Decoder
-from mllm_jax.parallel.mesh import ParallelConfig, check_divisible, make_mesh
-from mllm_jax.parallel.sharding import (DEFAULT_RULES, create_sharded,
+from mllm_jax.parallel.config import DEFAULT_RULES, ParallelConfig
+from mllm_jax.parallel.mesh import check_divisible, make_mesh
+from mllm_jax.parallel.sharding import (create_sharded,
                                         param_shardings, use_mesh)
 from mllm_jax.train.losses import token_cross_entropy
 from tests.helpers import rel_err, tiny_config

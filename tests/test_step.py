@@ -3,18 +3,17 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
 from mllm_jax.configlib import ConfigError
 from mllm_jax.modeling import Decoder
-from mllm_jax.train.optimizer import (OptimizerConfig, learning_rate_schedule,
-                                      make_optimizer)
+from mllm_jax.train.config import OptimizerConfig
+from mllm_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from mllm_jax.train.step import (gradient_dtypes, init_train_state,
-                                 make_train_step, split_micro_batches,
-                                 weighted_loss_sums)
-from tests.helpers import tiny_config
+                                 model_loss, split_micro_batches)
+from mllm_jax.train.task import lm_loss
+from tests.helpers import NOTHING_FROZEN, lm_train_step, tiny_config
 from tests.test_trainer import CountingIterator
 
 OPT = OptimizerConfig(learning_rate=1e-2, warmup_steps=2)
@@ -26,7 +25,8 @@ def split(**overrides):
 
 
 def loss_of(graphdef):
-  return lambda params, batch: weighted_loss_sums(graphdef, params, batch)[0]
+  loss = model_loss(graphdef, lm_loss())
+  return lambda params, batch: loss(params, NOTHING_FROZEN, batch)[0]
 
 
 @pytest.mark.parametrize("overrides, expected", [
@@ -75,8 +75,7 @@ def reference_step(graphdef, optimizer, accum):
       grads = jax.tree.map(jnp.add, grads, grad_fn(params, b))
       weight += jnp.sum(b["loss_weights"])
     grads = jax.tree.map(lambda g: g / jnp.maximum(weight, 1.0), grads)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates)
+    return optimizer.apply(grads, opt_state, params)[0]
   return jax.jit(step)
 
 
@@ -86,9 +85,9 @@ def test_compute_dtype_gradients_change_no_bits(accum):
   batch = next(CountingIterator(batch_size=8))
   optimizer = make_optimizer(OPT, params, 10)
   state = init_train_state(params, optimizer)
-  step = jax.jit(make_train_step(graphdef, optimizer,
-                                 learning_rate_schedule(OPT, 10), accum))
-  new_state, _ = step(state, batch)
+  step = jax.jit(lm_train_step(graphdef, optimizer,
+                               learning_rate_schedule(OPT, 10), accum))
+  new_state, _ = step(state, NOTHING_FROZEN, batch)
   want = reference_step(graphdef, optimizer, accum)(
       params, state["opt_state"], batch)
   for got, ref in zip(jax.tree.leaves(new_state["params"]),
@@ -100,10 +99,11 @@ def test_compute_dtype_gradients_change_no_bits(accum):
 def test_accumulation_is_float32_for_bfloat16_weights():
   graphdef, params = split(param_dtype="bfloat16", dtype="bfloat16")
   optimizer = make_optimizer(OPT, params, 10)
-  step = make_train_step(graphdef, optimizer, learning_rate_schedule(OPT, 10),
-                         4)
+  step = lm_train_step(graphdef, optimizer, learning_rate_schedule(OPT, 10),
+                       4)
   state = init_train_state(params, optimizer)
-  jaxpr = jax.make_jaxpr(step)(state, next(CountingIterator(batch_size=8)))
+  jaxpr = jax.make_jaxpr(step)(state, NOTHING_FROZEN,
+                               next(CountingIterator(batch_size=8)))
   scans = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan"]
   carry = scans[0].outvars[:len(jax.tree.leaves(params))]
   assert {v.aval.dtype for v in carry} == {jnp.dtype(jnp.float32)}
@@ -115,9 +115,10 @@ def test_mu_dtype_bfloat16_keeps_the_rest_float32():
                         mu_dtype="bfloat16")
   optimizer = make_optimizer(cfg, params, 10)
   state = init_train_state(params, optimizer)
-  step = jax.jit(make_train_step(graphdef, optimizer,
-                                 learning_rate_schedule(cfg, 10), 2))
-  new_state, metrics = step(state, next(CountingIterator(batch_size=8)))
+  step = jax.jit(lm_train_step(graphdef, optimizer,
+                               learning_rate_schedule(cfg, 10), 2))
+  new_state, metrics = step(state, NOTHING_FROZEN,
+                            next(CountingIterator(batch_size=8)))
   adam = new_state["opt_state"][1][0]
   dtypes = lambda tree: {jnp.dtype(x.dtype) for x in jax.tree.leaves(tree)}
   assert dtypes(adam.mu) == {jnp.dtype(jnp.bfloat16)}

@@ -31,7 +31,7 @@ from mllm_jax.configlib import ConfigError, check, from_config
 from mllm_jax.convert import native
 from mllm_jax.modeling.config import ModelConfig
 from mllm_jax.modeling.decoder import Decoder
-from mllm_jax.parallel.sharding import Rules
+from mllm_jax.parallel.config import Rules
 
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"

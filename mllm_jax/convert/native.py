@@ -1,6 +1,9 @@
 """The native checkpoint: `model_config.json` plus an Orbax tree of params.
 
-    DIR/model_config.json   every ModelConfig field (what the shapes follow)
+    DIR/model_config.json   the architecture: every ModelConfig field but the
+                            run choices (RUN_FIELDS: attention backend, remat,
+                            custom backward passes, ...), which each run
+                            takes from its own config
     DIR/params/             Orbax checkpoint of nnx.state(Decoder) as a pure
                             dict: {"embed": {"table": ...}, "blocks": ...}
 
@@ -12,7 +15,6 @@ copy unless no mesh is given.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -26,9 +28,10 @@ from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 
 from mllm_jax.configlib import ConfigError, from_config
-from mllm_jax.modeling.config import ModelConfig
+from mllm_jax.modeling.config import RUN_FIELDS, ModelConfig
 from mllm_jax.modeling.decoder import Decoder
-from mllm_jax.parallel.sharding import DEFAULT_RULES, Rules, param_shardings
+from mllm_jax.parallel.config import DEFAULT_RULES, Rules
+from mllm_jax.parallel.sharding import param_shardings
 
 CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"
@@ -168,7 +171,7 @@ def save_model(path: str, cfg: ModelConfig, model_or_state: Any,
   _prepare_dir(path, overwrite)
   if jax.process_index() == 0:
     with open(os.path.join(path, CONFIG_FILE), "w") as f:
-      json.dump(dataclasses.asdict(cfg), f, indent=2, sort_keys=True)
+      json.dump(cfg.architecture(), f, indent=2, sort_keys=True)
       f.write("\n")
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(os.path.join(path, PARAMS_DIR), params)
@@ -207,12 +210,19 @@ def read_checkpoint_json(path: str, filename: str, kind: str,
 
 def read_config(path: str, **overrides: Any) -> ModelConfig:
   """DIR/model_config.json -> ModelConfig, with fields optionally replaced
-  (e.g. dtype="float32"); errors name the file and the field."""
+  (e.g. dtype="float32"); errors name the file and the field.
+
+  Run choices (RUN_FIELDS) come from `overrides` or ModelConfig's defaults,
+  never from the file: a checkpoint written by a run that used the CPU
+  kernels loads with the portable XLA paths unless this run asks otherwise.
+  """
   path = os.path.abspath(path)
   config_file = os.path.join(path, CONFIG_FILE)
   values = read_checkpoint_json(
       path, CONFIG_FILE, "native checkpoint", " (convert one with "
       "`python -m launch.convert_checkpoint --from=hf`)")
+  # Older checkpoints recorded them; ignore those.
+  values = {k: v for k, v in values.items() if k not in RUN_FIELDS}
   try:
     return from_config(ModelConfig, {**values, **overrides}, "model")
   except ConfigError as e:
@@ -233,6 +243,38 @@ def saved_shapes(path: str) -> dict[Path, Any]:
   return flatten(tree)
 
 
+def check_architecture(path: str, cfg: ModelConfig, field: str) -> None:
+  """Fails naming `field`, the checkpoint and each differing field when the
+  native checkpoint at `path` is not the architecture `cfg` describes (run
+  choices may differ)."""
+  saved = read_config(path).architecture()
+  wanted = cfg.architecture()
+  differ = [f"{k}: {saved[k]!r} in the checkpoint, {wanted[k]!r} in model"
+            for k in wanted if saved.get(k) != wanted[k]]
+  if differ:
+    raise ConfigError(f"{field}: {path} is another architecture than "
+                      f"model.* ({'; '.join(differ)})")
+
+
+def restore_params(path: str, targets: Mapping[str, Any]) -> dict[str, Any]:
+  """Restores a native checkpoint's params straight into `targets`: a pure
+  dict (as `nnx.to_pure_dict` gives) of ShapeDtypeStructs carrying each
+  array's dtype and sharding. Every device reads only its own slices; no
+  device or host holds a whole array. Fails naming the parameter when the
+  checkpoint lacks one or stores another shape."""
+  params_dir = os.path.join(os.path.abspath(path), PARAMS_DIR)
+  saved = saved_shapes(path)
+  for key, target in flatten(targets).items():
+    if key not in saved:
+      raise ConfigError(f"{params_dir}: parameter {dotted(key)} is missing")
+    if tuple(saved[key].shape) != tuple(target.shape):
+      raise ConfigError(f"{params_dir}: parameter {dotted(key)} has shape "
+                        f"{tuple(saved[key].shape)}, the model needs "
+                        f"{tuple(target.shape)}")
+  with ocp.StandardCheckpointer() as ckptr:
+    return ckptr.restore(params_dir, dict(targets))
+
+
 def load_model(path: str, mesh: Mesh | None = None, rules: Rules | None = None,
                **overrides: Any) -> tuple[ModelConfig, Decoder]:
   """Reads a native checkpoint into a Decoder.
@@ -240,7 +282,8 @@ def load_model(path: str, mesh: Mesh | None = None, rules: Rules | None = None,
   With a mesh, every array is restored straight into the sharding that
   `param_shardings` gives it under `rules` (default DEFAULT_RULES); without,
   onto the first local device. `overrides` replace config fields that leave
-  shapes alone (dtype, param_dtype (arrays are cast), attention_backend, ...).
+  shapes alone (dtype, param_dtype (arrays are cast), and the run choices:
+  attention_backend, remat, ...).
   """
   cfg = read_config(path, **overrides)
   params_dir = os.path.join(os.path.abspath(path), PARAMS_DIR)
@@ -249,9 +292,7 @@ def load_model(path: str, mesh: Mesh | None = None, rules: Rules | None = None,
   target = {p: jax.ShapeDtypeStruct(dtypes[p].shape, dtypes[p].dtype,
                                     sharding=s)
             for p, s in shardings(cfg, mesh, rules).items()}
-  with ocp.StandardCheckpointer() as ckptr:
-    params = ckptr.restore(params_dir, unflatten(target))
-  return cfg, build_model(cfg, params)
+  return cfg, build_model(cfg, restore_params(path, unflatten(target)))
 
 
 def load_params(path: str, **overrides: Any

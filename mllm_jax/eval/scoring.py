@@ -21,8 +21,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from mllm_jax.modeling.decoder import Decoder
-from mllm_jax.parallel.sharding import (DEFAULT_RULES, Rules, logical_to_spec,
-                                        use_mesh)
+from mllm_jax.parallel.config import DEFAULT_RULES, Rules
+from mllm_jax.parallel.sharding import logical_to_spec, use_mesh
 
 
 @dataclasses.dataclass(frozen=True)

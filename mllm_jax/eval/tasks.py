@@ -22,15 +22,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from mllm_jax.eval.templates import draw_demonstrations, few_shot
+from mllm_jax.eval.templates import (MCExample, Template, draw_demonstrations,
+                                     few_shot)
 from mllm_jax.paths import data_path
-
-
-@dataclasses.dataclass(frozen=True)
-class MCExample:
-  contexts: list[str]  # one per choice (equal unless partial scoring)
-  continuations: list[str]
-  gold: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,7 +187,6 @@ SENTIMENT_VERBALIZERS = ("terrible", "great")
 
 
 def _sentiment_split(doc, label):
-  from mllm_jax.eval.templates import Template  # pylint: disable=import-outside-toplevel
   return Template("[X], it is [Z].").split(
       doc["sentence"].strip(), SENTIMENT_VERBALIZERS[label])
 

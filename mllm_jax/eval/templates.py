@@ -9,15 +9,28 @@ Two styles:
     scored as the whole sentence it completes.
 Demonstrations are whole filled templates (gold answers) joined by the
 separator before the query.
+
+`MCExample` (one context and one continuation per choice) is what both the
+template tasks here and the benchmarks in `tasks` produce; `tasks` imports
+this module, never the other way round.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import random
-from typing import Any, Sequence
+from typing import Sequence
 
 X, Z = "[X]", "[Z]"
+
+
+@dataclasses.dataclass(frozen=True)
+class MCExample:
+  """One multiple-choice item, scored by the log-likelihood of each
+  continuation after its context."""
+  contexts: list[str]  # one per choice (equal unless partial scoring)
+  continuations: list[str]
+  gold: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,8 +100,7 @@ class ClassificationTask:
   demo_inputs: Sequence[str] | None = None  # default: the inputs themselves
   demo_labels: Sequence[int] | None = None
 
-  def examples(self, k: int = 0, seed: int = 0) -> list[Any]:
-    from mllm_jax.eval.tasks import MCExample  # pylint: disable=import-outside-toplevel
+  def examples(self, k: int = 0, seed: int = 0) -> list[MCExample]:
     own = self.demo_inputs is None
     demo_x = self.inputs if own else self.demo_inputs
     demo_y = self.labels if own else self.demo_labels
@@ -102,5 +114,3 @@ class ClassificationTask:
           contexts=[few_shot(demos, c) for c, _ in pairs],
           continuations=[c for _, c in pairs], gold=int(y)))
     return out
-
-

@@ -48,8 +48,8 @@ from mllm_jax.configlib import ConfigError
 from mllm_jax.generate.sampling import SamplingParams, sample, token_logprobs
 from mllm_jax.modeling.attention import KVCache
 from mllm_jax.modeling.decoder import Decoder
-from mllm_jax.parallel.sharding import (DEFAULT_RULES, Rules, constrain,
-                                        logical_to_spec, use_mesh)
+from mllm_jax.parallel.config import DEFAULT_RULES, Rules
+from mllm_jax.parallel.sharding import constrain, logical_to_spec, use_mesh
 
 # Why a row stopped (DecodeState.stop_reason).
 RUNNING, STOP_TOKEN, INTERRUPT, STOP_STRING, LENGTH = range(5)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec
 
-from mllm_jax.modeling import cpu_kernel
+from mllm_jax.kernels import cpu_attention
 from mllm_jax.modeling.config import ModelConfig
 from mllm_jax.modeling.layers import apply_rope, param, rope_frequencies
 from mllm_jax.parallel.sharding import constrain, current_mesh, current_spec
@@ -144,19 +144,19 @@ def custom_vjp_attention(q, k, v, mask, bias=None):
 
 
 def cpu_fused_attention(q, k, v, mask, bias=None):
-  """The fused C++ kernel for CPU (`cpu_kernel.py`, model.attention_backend=
+  """The fused C++ kernel for CPU (`kernels/cpu_attention.py`, model.attention_backend=
   'cpu_fused'): `xla_attention` in float32 with each query block's scores
   kept in cache, and key blocks that the mask hides from a whole query block
   skipped. Runs per device under shard_map (batch over the batch axes, heads
   over the tensor axis when K/V heads split with them), since XLA cannot
   partition a custom call."""
-  cpu_kernel.load()
+  cpu_attention.load()
   dtype = q.dtype
   bias = attention_bias(mask, bias)  # [B, 1|H, T, S]
 
   def per_device(q, k, v, bias):
     q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
-    return cpu_kernel.fused_attention_core(q, k, v, bias).astype(dtype)
+    return cpu_attention.fused_attention_core(q, k, v, bias).astype(dtype)
 
   mesh = current_mesh()
   # One device needs no shard_map (whose transpose would add all-reduces).

@@ -1,11 +1,11 @@
-"""The decoder's hyper-parameters, with the derived sizes LLaMA uses."""
+"""The decoder's hyper-parameters, with the derived sizes LLaMA uses.
+
+Imports no JAX at module level: config files import this.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-
-import jax
-import jax.numpy as jnp
 
 from mllm_jax.configlib import check, check_choice
 
@@ -20,6 +20,12 @@ REMAT_POLICIES = ("none", "full", "save_dots", "offload_dots")
 POSITION_ENCODINGS = ("rope", "alibi")
 ROPE_SCALINGS = ("none", "linear", "llama3")
 DTYPES = ("float32", "bfloat16", "float16")
+# How a run computes, not what the model is: kernels, recomputation, custom
+# backward passes, scan unrolling and loss chunking give the same function.
+# A checkpoint does not record them; each run takes them from its own config
+# (so weights trained with the CPU kernels load on a GPU or TPU as they are).
+RUN_FIELDS = ("attention_backend", "remat", "scan_unroll", "custom_vjp",
+              "loss_chunk_len")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +73,11 @@ class ModelConfig:
   # and keeps each chunk's in cache (losses.head_cross_entropy).
   loss_chunk_len: int = 0
 
+  def architecture(self) -> dict:
+    """The fields a checkpoint records: every field but RUN_FIELDS."""
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+            if f.name not in RUN_FIELDS}
+
   # Derived sizes: read these, never the raw zero-means-default fields.
   @property
   def kv_heads(self) -> int:
@@ -85,11 +96,13 @@ class ModelConfig:
     return multiple * ((hidden + multiple - 1) // multiple)
 
   @property
-  def compute_dtype(self) -> jnp.dtype:
+  def compute_dtype(self):
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
     return jnp.dtype(self.dtype)
 
   @property
-  def weight_dtype(self) -> jnp.dtype:
+  def weight_dtype(self):
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
     return jnp.dtype(self.param_dtype)
 
   def validate(self, prefix: str = "model") -> None:
@@ -130,7 +143,9 @@ class ModelConfig:
   def check_platform(self, platform: str | None = None,
                      prefix: str = "model") -> None:
     """Fails early when this platform cannot run the chosen kernels."""
-    platform = platform or jax.default_backend()
+    if platform is None:
+      import jax  # pylint: disable=g-import-not-at-top
+      platform = jax.default_backend()
     if self.attention_backend in PLATFORM_BACKENDS:
       needed, what = PLATFORM_BACKENDS[self.attention_backend]
       others = [b for b in ATTENTION_BACKENDS if b not in PLATFORM_BACKENDS]

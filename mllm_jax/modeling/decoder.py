@@ -68,20 +68,25 @@ class Decoder(nnx.Module):
       self.lm_head = param(rngs, (cfg.embed_dim, cfg.vocab_size),
                            ("embed", "vocab"), cfg.weight_dtype, cfg.init_std)
 
-  def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
+  def __call__(self, tokens: jax.Array | None,
+               positions: jax.Array | None = None,
                segment_ids: jax.Array | None = None,
                prefix_mask: jax.Array | None = None,
-               cache: KVCache | None = None):
-    """Runs the decoder on tokens [B, T].
+               cache: KVCache | None = None,
+               embeddings: jax.Array | None = None):
+    """Runs the decoder on tokens [B, T] (or their embeddings).
 
     positions: [B, T] ids for RoPE/ALiBi (default 0..T-1).
     segment_ids: [B, T] packed-example ids, 0 for padding (default all 1).
     prefix_mask: [B, T] bool, True where attention is bidirectional.
     cache: a KVCache to append these T tokens to (prefill or decode step).
+    embeddings: [B, T, D] input embeddings used instead of embedding
+      `tokens` (which may then be None): the multimodal model splices image
+      features into `embed_tokens(tokens)` and passes the result here.
     Returns logits [B, T, V] (float32), or (logits, cache) with a cache.
     """
     x, cache = self.hidden_states(tokens, positions, segment_ids, prefix_mask,
-                                  cache)
+                                  cache, embeddings)
     logits = jnp.einsum("btd,dv->btv", x, self.head_weight(),
                         preferred_element_type=jnp.float32)
     logits = constrain(logits, ("act_batch", "act_length", "act_vocab"))
@@ -93,15 +98,26 @@ class Decoder(nnx.Module):
     w = self.embed.table[...].T if self.cfg.tie_embeddings else self.lm_head[...]
     return w.astype(self.cfg.compute_dtype)
 
-  def hidden_states(self, tokens: jax.Array,
+  def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+    """Token ids [B, T] -> input embeddings [B, T, D] in the compute dtype."""
+    return self.embed(tokens)
+
+  def hidden_states(self, tokens: jax.Array | None,
                     positions: jax.Array | None = None,
                     segment_ids: jax.Array | None = None,
                     prefix_mask: jax.Array | None = None,
-                    cache: KVCache | None = None):
+                    cache: KVCache | None = None,
+                    embeddings: jax.Array | None = None):
     """`__call__` up to the final norm: ([B, T, D] in the compute dtype,
     the updated cache or None)."""
     cfg = self.cfg
-    b, t = tokens.shape
+    if embeddings is None:
+      b, t = tokens.shape
+    else:
+      b, t, d = embeddings.shape
+      if d != cfg.embed_dim:
+        raise ValueError(f"embeddings have width {d}, the model's "
+                         f"embed_dim is {cfg.embed_dim}")
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     if segment_ids is None:
@@ -126,7 +142,9 @@ class Decoder(nnx.Module):
     bias = (alibi_bias(positions, k_positions, cfg.num_heads)
             if cfg.position == "alibi" else None)
 
-    x = constrain(self.embed(tokens), ACTIVATION)
+    x = self.embed(tokens) if embeddings is None else embeddings.astype(
+        cfg.compute_dtype)
+    x = constrain(x, ACTIVATION)
     graphdef, block_state = nnx.split(self.blocks)
     cache_index = None if cache is None else cache.index
 

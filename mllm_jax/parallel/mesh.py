@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import os
 from typing import Sequence
 
@@ -11,69 +9,8 @@ import jax
 from absl import logging
 from jax.sharding import Mesh
 
-from mllm_jax.configlib import ConfigError, check
-from mllm_jax.parallel.sharding import DEFAULT_RULES, Rules
-
-MESH_AXES = ("data", "stage", "fsdp", "sequence", "tensor")
-
-
-@dataclasses.dataclass(frozen=True)
-class ParallelConfig:
-  """Mesh axis sizes (-1: whatever the other axes leave) and the rules table.
-
-  `data` replicates parameters; `fsdp` shards them (ZeRO-3) and the batch;
-  `tensor` shards heads and MLP width (Megatron style); `stage` and `sequence`
-  are reserved for pipeline and sequence parallelism and default to 1.
-  """
-  data: int = -1
-  stage: int = 1
-  fsdp: int = 1
-  sequence: int = 1
-  tensor: int = 1
-  rules: Rules = DEFAULT_RULES
-
-  def validate(self, prefix: str = "parallel") -> None:
-    sizes = self.axis_sizes()
-    check(sum(s == -1 for s in sizes) <= 1, prefix,
-          "at most one mesh axis may be -1")
-    for name, size in zip(MESH_AXES, sizes):
-      check(size == -1 or size >= 1, f"{prefix}.{name}",
-            f"mesh axis size must be >= 1 or -1, got {size}")
-    for i, rule in enumerate(self.rules):
-      check(len(rule) == 2 and isinstance(rule[0], str), f"{prefix}.rules[{i}]",
-            f"a rule is (logical_name, mesh_axes), got {rule!r}")
-      axes = rule[1]
-      axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
-      for axis in axes:
-        check(axis in MESH_AXES, f"{prefix}.rules[{i}]",
-              f"unknown mesh axis {axis!r} for {rule[0]!r}; mesh axes are "
-              f"{MESH_AXES}")
-
-  def axis_sizes(self) -> tuple[int, ...]:
-    return tuple(getattr(self, name) for name in MESH_AXES)
-
-  def resolved_shape(self, num_devices: int) -> tuple[int, ...]:
-    """Axis sizes with -1 filled in; fails naming the axes that don't fit."""
-    sizes = self.axis_sizes()
-    known = math.prod(s for s in sizes if s != -1)
-    if -1 in sizes:
-      if num_devices % known:
-        raise ConfigError(
-            f"parallel: the fixed mesh axes multiply to {known}, which does not "
-            f"divide the {num_devices} devices")
-      sizes = tuple(num_devices // known if s == -1 else s for s in sizes)
-    if math.prod(sizes) != num_devices:
-      shown = ", ".join(f"{n}={s}" for n, s in zip(MESH_AXES, sizes))
-      raise ConfigError(
-          f"parallel: mesh {shown} has {math.prod(sizes)} devices but "
-          f"{num_devices} are available; make the product match or set one "
-          f"axis to -1")
-    return sizes
-
-  def batch_shards(self, num_devices: int) -> int:
-    """How many ways the global batch is split (data x fsdp)."""
-    sizes = dict(zip(MESH_AXES, self.resolved_shape(num_devices)))
-    return sizes["data"] * sizes["fsdp"]
+from mllm_jax.configlib import check
+from mllm_jax.parallel.config import MESH_AXES, ParallelConfig
 
 
 def parse_mesh(text: str) -> ParallelConfig:
@@ -101,6 +38,7 @@ def make_mesh(cfg: ParallelConfig,
   innermost axis (`tensor`) gets the fastest links. Axes are `Auto`: the
   compiler propagates shardings from parameters and `constrain` calls.
   """
+  cfg.validate()
   devices = list(devices if devices is not None else jax.devices())
   shape = cfg.resolved_shape(len(devices))
   auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)

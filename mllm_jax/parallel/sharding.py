@@ -3,7 +3,8 @@
 Model code names every parameter and activation dimension logically (`embed`,
 `heads`, `act_batch`, ...). The config's rules table maps each name to mesh
 axes, so changing the parallelism is a config edit. Names absent from the
-table, or mapped to None, are replicated.
+table, or mapped to None, are replicated. The table (`DEFAULT_RULES`) and the
+mesh config live in `mllm_jax.parallel.config`, which imports no JAX.
 """
 
 from __future__ import annotations
@@ -20,30 +21,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mllm_jax.configlib import ConfigError
-
-Rules = tuple[tuple[str, Any], ...]
-
-# Parameters and activations have separate names so that, e.g., FSDP shards the
-# `embed` dimension of weights but not of activations.
-DEFAULT_RULES: Rules = (
-    # activations
-    ("act_batch", ("data", "fsdp")),
-    ("act_length", "sequence"),
-    ("act_embed", None),
-    ("act_heads", "tensor"),
-    ("act_kv_heads", "tensor"),
-    ("act_mlp", "tensor"),
-    ("act_vocab", "tensor"),
-    # parameters
-    ("layers", "stage"),
-    ("vocab", "tensor"),
-    ("embed", "fsdp"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("head_dim", None),
-    ("mlp", "tensor"),
-    ("norm", None),
-)
+from mllm_jax.parallel.config import Rules
 
 
 def _mesh_axes(name: str | None, rules: Rules) -> tuple[str, ...]:

@@ -31,13 +31,6 @@ def unflatten(like: Any, flat: dict[str, Any]) -> Any:
       treedef, [flat[path_name(path)] for path, _ in paths])
 
 
-def abstract_like(tree: Any, shardings: Any) -> Any:
-  """ShapeDtypeStructs carrying the target shardings (restore targets)."""
-  return jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      tree, shardings)
-
-
 class Checkpointer:
   """Saves every `every` steps (and when forced), keeps the last `keep`."""
 

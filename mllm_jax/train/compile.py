@@ -1,11 +1,13 @@
-"""The jitted training step, built from configs and a mesh without data.
+"""The run's compiled program, built from configs and a mesh without data.
 
-The trainer jits `make_train_step` with the train state's shardings in and
-out, the batch sharded over `act_batch`, and the state donated. This module
-builds exactly that function from abstract shapes (`jax.ShapeDtypeStruct`s
-carrying shardings), so `launch.aot_compile` can lower and compile the real
-step for a mesh of devices this machine does not have (a TPU topology) and
-report its memory and FLOPs before anyone books the pod.
+`build_program` turns a stage (`task.TrainTask`) plus the optimizer and
+train configs into the jitted step and eval step, with the train state's
+shardings in and out, frozen parameters as a separate (never donated,
+never checkpointed) argument, the batch sharded over `act_batch`, and the
+state donated. Nothing is allocated: the trainer then creates the state
+(`initial_state`), and `launch.aot_compile` lowers and compiles the very same
+step for a mesh of devices this machine does not have (a TPU topology) to
+report memory and FLOPs before anyone books the pod.
 """
 
 from __future__ import annotations
@@ -13,41 +15,24 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any
+from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from mllm_jax.configlib import check
-from mllm_jax.modeling import Decoder, ModelConfig
-from mllm_jax.parallel.mesh import ParallelConfig, check_divisible
-from mllm_jax.parallel.sharding import (logical_to_spec, param_shardings,
-                                        use_mesh)
-from mllm_jax.train.optimizer import (OptimizerConfig, learning_rate_schedule,
+from mllm_jax.configlib import ConfigError, check
+from mllm_jax.modeling import ModelConfig
+from mllm_jax.parallel.config import ParallelConfig
+from mllm_jax.parallel.mesh import check_divisible
+from mllm_jax.parallel.sharding import (create_sharded, logical_to_spec,
+                                        param_shardings, use_mesh)
+from mllm_jax.train.config import OptimizerConfig, TrainConfig
+from mllm_jax.train.optimizer import (Optimizer, learning_rate_schedule,
                                       make_optimizer)
-from mllm_jax.train.step import init_train_state, make_train_step
-
-# The batch schema every supervised stage feeds (see data.pipeline).
-BATCH_DTYPES = {"inputs": jnp.int32, "targets": jnp.int32,
-                "loss_weights": jnp.float32, "segment_ids": jnp.int32,
-                "positions": jnp.int32}
-
-
-@dataclasses.dataclass(frozen=True)
-class AbstractTrainStep:
-  """The jitted step and abstract arguments to lower it with."""
-  step: Any  # jax.jit(step_fn, ...) exactly as the trainer builds it
-  mesh: Mesh
-  rules: tuple
-  state: Any  # train state of ShapeDtypeStructs with shardings
-  batch: dict[str, jax.ShapeDtypeStruct]
-
-  def lower(self) -> jax.stages.Lowered:
-    """Traces under the mesh so activation constraints apply, as in train()."""
-    with use_mesh(self.mesh, self.rules):
-      return self.step.lower(self.state, self.batch)
+from mllm_jax.train.step import (TrainState, init_train_state,
+                                 make_eval_step, make_train_step)
+from mllm_jax.train.task import TrainTask, split_trainable
 
 
 def check_layout(model_cfg: ModelConfig, parallel: ParallelConfig,
@@ -67,43 +52,103 @@ def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
   return NamedSharding(mesh, logical_to_spec(("act_batch",), rules, mesh))
 
 
-def jit_train_step(graphdef: nnx.GraphDef, optimizer, schedule,
-                   state_shardings: Any, batch_shardings: NamedSharding,
-                   grad_accum_steps: int, z_loss: float):
-  """jit(step) with the trainer's in/out shardings and donated state."""
-  step_fn = make_train_step(graphdef, optimizer, schedule, grad_accum_steps,
-                            z_loss)
-  return jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings),
-                 out_shardings=(state_shardings, None), donate_argnums=(0,))
+def with_shardings(tree: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs of `tree` carrying `shardings` (restore and lowering
+  targets)."""
+  return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      tree, shardings)
 
 
-def abstract_train_step(model_cfg: ModelConfig, parallel: ParallelConfig,
-                        optimizer_cfg: OptimizerConfig, *, steps: int,
-                        batch_size: int, seq_len: int, grad_accum_steps: int,
-                        z_loss: float, mesh: Mesh,
-                        seed: int = 0) -> AbstractTrainStep:
-  """The trainer's step for `mesh`, with nothing allocated on any device."""
+@dataclasses.dataclass(frozen=True)
+class TrainProgram:
+  """What a run compiles, with nothing allocated on any device."""
+  task: TrainTask
+  mesh: Mesh
+  rules: tuple
+  graphdef: nnx.GraphDef
+  optimizer: Optimizer
+  schedule: Callable
+  state: TrainState  # ShapeDtypeStructs with the state's shardings
+  frozen: nnx.State  # ShapeDtypeStructs with the frozen params' shardings
+  batch_sharding: NamedSharding
+  step: Any  # jit(step(state, frozen, batch) -> (state, metrics))
+  eval_step: Any  # jit(eval(params, frozen, batch) -> sums)
+
+  @property
+  def state_shardings(self):
+    return jax.tree.map(lambda x: x.sharding, self.state)
+
+  def abstract_batch(self, batch_size: int, seq_len: int):
+    return {key: jax.ShapeDtypeStruct((batch_size, seq_len), dtype,
+                                      sharding=self.batch_sharding)
+            for key, dtype in self.task.batch_fields.items()}
+
+  def trace(self, batch_size: int, seq_len: int) -> jax.stages.Traced:
+    """Traces the step under the mesh, so activation constraints apply."""
+    with use_mesh(self.mesh, self.rules):
+      return self.step.trace(self.state, self.frozen,
+                             self.abstract_batch(batch_size, seq_len))
+
+
+def build_program(task: TrainTask, parallel: ParallelConfig,
+                  optimizer_cfg: OptimizerConfig, train_cfg: TrainConfig,
+                  mesh: Mesh, seed: int = 0) -> TrainProgram:
+  """The stage's step and eval step for `mesh`, jitted with the trainer's
+  shardings and donation."""
   rules = tuple(parallel.rules)
-  abstract_model = nnx.eval_shape(
-      lambda: Decoder(model_cfg, rngs=nnx.Rngs(seed)))
-  graphdef, params = nnx.split(abstract_model)
-  optimizer = make_optimizer(optimizer_cfg, params, steps)
-  schedule = learning_rate_schedule(optimizer_cfg, steps)
+  abstract = nnx.eval_shape(lambda: task.build_model(nnx.Rngs(seed)))
+  graphdef, params, frozen = split_trainable(abstract, task.trainable)
+  if not jax.tree.leaves(params):
+    raise ConfigError(f"train.trainable: {task.name}: the filter selects no "
+                      f"parameter, so nothing would train")
+  optimizer = make_optimizer(optimizer_cfg, params, train_cfg.steps)
+  schedule = learning_rate_schedule(optimizer_cfg, train_cfg.steps)
   state = jax.eval_shape(
       functools.partial(init_train_state, optimizer=optimizer), params)
   state_shardings = param_shardings(state, mesh, rules)
+  frozen_shardings = param_shardings(frozen, mesh, rules)
   batch_shardings = batch_sharding(mesh, rules)
+  step = jax.jit(
+      make_train_step(graphdef, optimizer, schedule, task.loss,
+                      train_cfg.grad_accum_steps),
+      in_shardings=(state_shardings, frozen_shardings, batch_shardings),
+      out_shardings=(state_shardings, None), donate_argnums=(0,))
+  eval_step = jax.jit(
+      make_eval_step(graphdef, task.loss),
+      in_shardings=(state_shardings["params"], frozen_shardings,
+                    batch_shardings))
+  return TrainProgram(
+      task=task, mesh=mesh, rules=rules, graphdef=graphdef,
+      optimizer=optimizer, schedule=schedule,
+      state=with_shardings(state, state_shardings),
+      frozen=with_shardings(frozen, frozen_shardings),
+      batch_sharding=batch_shardings, step=step, eval_step=eval_step)
 
-  step = jit_train_step(graphdef, optimizer, schedule, state_shardings,
-                        batch_shardings, grad_accum_steps, z_loss)
-  abstract_state = jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      state, state_shardings)
-  abstract_batch = {
-      key: jax.ShapeDtypeStruct((batch_size, seq_len), dtype,
-                                sharding=batch_shardings)
-      for key, dtype in BATCH_DTYPES.items()}
-  return AbstractTrainStep(step, mesh, rules, abstract_state, abstract_batch)
+
+def initial_state(program: TrainProgram, seed: int
+                  ) -> tuple[TrainState, nnx.State]:
+  """(train state, frozen params) on the mesh: the model born sharded from
+  `seed`, then the task's starting weights restored straight into their
+  shardings, split into what trains and what stays frozen."""
+  task, mesh, rules = program.task, program.mesh, program.rules
+  model = create_sharded(lambda: task.build_model(nnx.Rngs(seed)), mesh,
+                         rules)
+  if task.load_weights is not None:
+    state = nnx.state(model)
+    pure = nnx.to_pure_dict(state)
+    targets = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+        pure)
+    nnx.replace_by_pure_dict(state, task.load_weights(targets))
+    nnx.update(model, state)
+  _, params, frozen = split_trainable(model, task.trainable)
+  del model
+  with use_mesh(mesh, rules):
+    state = jax.jit(
+        functools.partial(init_train_state, optimizer=program.optimizer),
+        out_shardings=program.state_shardings)(params)
+  return state, frozen
 
 
 def traced_matmul_flops(jaxpr) -> float:

@@ -1,10 +1,11 @@
-"""The training step: a pure function of (state, batch), compiled once.
+"""The training step: a pure function of (state, frozen, batch), compiled once.
 
-Every supervised stage feeds the same batch schema (`inputs`, `targets`,
-`loss_weights`, `segment_ids`, `positions`), so this one step serves
-pretraining, instruction tuning and SFT alike. Gradients are accumulated over
-micro-batches and normalised by the total loss weight, so accumulation gives
-the same update as one large batch.
+The step serves every stage: the stage's loss (`task.TrainTask.loss`)
+returns weighted sums and the weight to normalise by, and the step
+differentiates only the trainable parameters (`state["params"]`); frozen ones
+(`frozen`) are read, never differentiated, updated, decayed or donated.
+Gradients are accumulated over micro-batches and normalised by the total
+weight, so accumulation gives the same update as one large batch.
 
 Memory: a parameter the model only ever reads through one cast to a narrower
 compute dtype (float32 weights used as bfloat16) has a gradient that is a
@@ -25,35 +26,31 @@ import optax
 from flax import nnx
 
 from mllm_jax.parallel.sharding import constrain
-from mllm_jax.train.losses import head_cross_entropy
-from mllm_jax.train.optimizer import apply_gradients
+from mllm_jax.train.optimizer import Optimizer
+from mllm_jax.train.task import Batch, LossFn
 
-Batch = dict[str, jax.Array]
-TrainState = dict[str, Any]  # params, opt_state, step, bad_steps, bad_streak
+# params (trainable only), opt_state, step, bad_steps, bad_streak,
+# worst_streak
+TrainState = dict[str, Any]
 
 
-def init_train_state(params: nnx.State,
-                     optimizer: optax.GradientTransformation) -> TrainState:
+def init_train_state(params: nnx.State, optimizer: Optimizer) -> TrainState:
+  """The checkpointed state: trainable params, their optimizer state, counters."""
   return {
       "params": params,
       "opt_state": optimizer.init(params),
       "step": jnp.zeros((), jnp.int32),
       "bad_steps": jnp.zeros((), jnp.int32),   # skipped for NaN/Inf, in total
       "bad_streak": jnp.zeros((), jnp.int32),  # ... in a row, up to now
+      "worst_streak": jnp.zeros((), jnp.int32),  # longest streak so far
   }
 
 
-def weighted_loss_sums(graphdef: nnx.GraphDef, params: nnx.State,
-                       batch: Batch, z_loss: float = 0.0):
-  """(sum of weighted loss incl. z-loss, (sum of weights, sum of weighted CE))."""
-  model = nnx.merge(graphdef, params)
-  x, _ = model.hidden_states(batch["inputs"], batch["positions"],
-                             batch["segment_ids"])
-  weights = batch["loss_weights"].astype(jnp.float32)
-  loss_sum, ce_sum = head_cross_entropy(
-      x, model.head_weight(), batch["targets"], weights, z_loss,
-      model.cfg.loss_chunk_len)
-  return loss_sum, (jnp.sum(weights), ce_sum)
+def model_loss(graphdef: nnx.GraphDef, loss: LossFn) -> Callable:
+  """loss(model, batch) -> the same as a function of (params, frozen, batch)."""
+  def loss_fn(params, frozen, batch):
+    return loss(nnx.merge(graphdef, params, frozen), batch)
+  return loss_fn
 
 
 def split_micro_batches(batch: Batch, count: int) -> Batch:
@@ -129,19 +126,14 @@ def gradient_dtypes(loss_fn: Callable, params, *args) -> list:
           for v, x in zip(invars, leaves)]
 
 
-def make_train_step(graphdef: nnx.GraphDef,
-                    optimizer: optax.GradientTransformation,
-                    schedule: Callable[[jax.Array], jax.Array],
-                    grad_accum_steps: int = 1,
-                    z_loss: float = 0.0) -> Callable:
-  """Returns step(state, batch) -> (state, metrics)."""
-
-  def loss_fn(params, batch):
-    return weighted_loss_sums(graphdef, params, batch, z_loss)
-
+def make_train_step(graphdef: nnx.GraphDef, optimizer: Optimizer,
+                    schedule: Callable[[jax.Array], jax.Array], loss: LossFn,
+                    grad_accum_steps: int = 1) -> Callable:
+  """Returns step(state, frozen, batch) -> (state, metrics)."""
+  loss_fn = model_loss(graphdef, loss)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-  def step(state: TrainState, batch: Batch):
+  def step(state: TrainState, frozen: nnx.State, batch: Batch):
     params = state["params"]
     micro_batches = (batch if grad_accum_steps == 1 else
                      split_micro_batches(batch, grad_accum_steps))
@@ -151,7 +143,8 @@ def make_train_step(graphdef: nnx.GraphDef,
     # the same gradient (see the module docstring): smaller micro-batch
     # gradients, and one cast per step instead of one per micro-batch.
     leaves, treedef = jax.tree.flatten(params)
-    dtypes = gradient_dtypes(lambda p, b: loss_fn(p, b)[0], params, first)
+    dtypes = gradient_dtypes(lambda p, f, b: loss_fn(p, f, b)[0], params,
+                             frozen, first)
     diff_params = treedef.unflatten(
         [x.astype(d) for x, d in zip(leaves, dtypes)])
     # Sums of gradients are float32 (or wider) whatever the parameter dtype.
@@ -160,22 +153,25 @@ def make_train_step(graphdef: nnx.GraphDef,
     widen = lambda grads: jax.tree.map(lambda g, d: g.astype(d), grads,
                                        acc_dtypes)
     if grad_accum_steps == 1:
-      (loss_sum, (weight_sum, ce_sum)), grads = grad_fn(diff_params, batch)
+      (loss_sum, sums), grads = grad_fn(diff_params, frozen, batch)
       grad_sum = widen(grads)
     else:
       def accumulate(carry, micro_batch):
-        (loss_sum, (weight_sum, ce_sum)), grads = grad_fn(diff_params,
-                                                         micro_batch)
-        acc_grads, acc_loss, acc_weight, acc_ce = carry
+        (loss_sum, sums), grads = grad_fn(diff_params, frozen, micro_batch)
+        acc_grads, acc_loss, acc_sums = carry
         acc_grads = jax.tree.map(lambda a, g: a + g.astype(a.dtype),
                                  acc_grads, grads)
-        return (acc_grads, acc_loss + loss_sum, acc_weight + weight_sum,
-                acc_ce + ce_sum), None
+        acc_sums = jax.tree.map(lambda a, s: a + s, acc_sums, sums)
+        return (acc_grads, acc_loss + loss_sum, acc_sums), None
       zeros = jax.tree.map(lambda x, d: jnp.zeros(x.shape, d), params,
                            acc_dtypes)
-      (grad_sum, loss_sum, weight_sum, ce_sum), _ = jax.lax.scan(
-          accumulate, (zeros, 0.0, 0.0, 0.0), micro_batches)
+      sum_shapes = jax.eval_shape(loss_fn, diff_params, frozen, first)[1]
+      zero_sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                               sum_shapes)
+      (grad_sum, loss_sum, sums), _ = jax.lax.scan(
+          accumulate, (zeros, 0.0, zero_sums), micro_batches)
 
+    weight_sum = sums["weight"]
     denominator = jnp.maximum(weight_sum, 1.0)
     # Gradients in the parameters' dtype, so the optimizer state keeps it.
     grads = jax.tree.map(lambda g, p: (g / denominator).astype(p.dtype),
@@ -190,32 +186,33 @@ def make_train_step(graphdef: nnx.GraphDef,
 
     new_params, opt_state = jax.lax.cond(
         finite,
-        lambda params, opt_state: apply_gradients(optimizer, grads, opt_state,
-                                                  params, grad_norm),
+        lambda params, opt_state: optimizer.apply(grads, opt_state, params,
+                                                  grad_norm),
         lambda params, opt_state: (params, opt_state),
         params, state["opt_state"])
     bad = 1 - finite.astype(jnp.int32)
+    streak = (state["bad_streak"] + 1) * bad
     new_state = {
         "params": new_params,
         "opt_state": opt_state,
         "step": state["step"] + 1,
         "bad_steps": state["bad_steps"] + bad,
-        "bad_streak": (state["bad_streak"] + 1) * bad,
+        "bad_streak": streak,
+        "worst_streak": jnp.maximum(state["worst_streak"], streak),
     }
-    metrics = {
-        "loss": ce_sum / denominator, "total_loss": loss,
-        "grad_norm": grad_norm, "lr": schedule(state["step"]),
-        "tokens": weight_sum, "skipped": bad,
-        "bad_streak": new_state["bad_streak"],
-    }
+    metrics = {name: value / denominator for name, value in sums.items()
+               if name != "weight"}
+    metrics.update({
+        "total_loss": loss, "grad_norm": grad_norm,
+        "lr": schedule(state["step"]), "weight": weight_sum, "skipped": bad,
+    })
     return new_state, metrics
 
   return step
 
 
-def make_eval_step(graphdef: nnx.GraphDef) -> Callable:
-  """Returns eval(params, batch) -> (sum of weighted CE, sum of weights)."""
-  def evaluate(params, batch):
-    _, (weight_sum, ce_sum) = weighted_loss_sums(graphdef, params, batch)
-    return ce_sum, weight_sum
-  return evaluate
+def make_eval_step(graphdef: nnx.GraphDef, loss: LossFn) -> Callable:
+  """Returns eval(params, frozen, batch) -> the loss's sums (weight included),
+  to be added over batches and divided by the total weight."""
+  loss_fn = model_loss(graphdef, loss)
+  return lambda params, frozen, batch: loss_fn(params, frozen, batch)[1]

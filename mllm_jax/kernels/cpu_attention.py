@@ -1,6 +1,6 @@
 """The fused CPU attention kernel (`cpu_attention.cc`) as a differentiable op.
 
-The C++ source is compiled on first use (`mllm_jax.native`) and registered
+The C++ source is compiled on first use (`kernels/build.py`) and registered
 as two XLA FFI targets: the forward pass (output and per-row
 log-sum-exp) and the backward pass (dq, dk, dv from recomputed
 probabilities and rowsum(dO * O)). `model.attention_backend='cpu_fused'`
@@ -14,7 +14,7 @@ import pathlib
 import jax
 import jax.numpy as jnp
 
-from mllm_jax import native
+from mllm_jax.kernels import build as native
 
 SOURCE = pathlib.Path(__file__).with_name("cpu_attention.cc")
 FORWARD = "mllm_jax_cpu_attention_forward"

@@ -4,7 +4,7 @@ A kernel's source is compiled for this machine's CPU (`-O3 -march=native`,
 with the compiler in `$CXX` or g++) into a cache directory keyed by the
 source, the compiler and its flags, jaxlib's version and the CPU, so the
 build (a few seconds) happens once per machine. Used by the fused attention
-(`modeling/cpu_kernel.py`) and the fused AdamW (`train/optimizer.py`).
+(`kernels/cpu_attention.py`) and the fused AdamW (`kernels/cpu_adamw.py`).
 """
 
 from __future__ import annotations

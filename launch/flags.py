@@ -1,0 +1,67 @@
+"""Flag helpers shared by the binaries in launch/ (never imported by the
+library): console hygiene, required flags, and the flag groups several
+binaries define the same way."""
+
+from absl import app, flags, logging
+
+
+def quiet_library_logs() -> None:
+  """Shows warnings and errors only, unless the user passed --verbosity/-v.
+
+  Orbax and JAX log every checkpoint step at INFO through absl; the binaries
+  print their own progress lines, so library INFO is opt-in (`-v 0`).
+  """
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+
+
+def require_flags(*holders: flags.FlagHolder) -> None:
+  """Usage error naming the first flag left unset or empty."""
+  for holder in holders:
+    if not holder.value:
+      raise app.UsageError(f"--{holder.name} is required")
+
+
+def define_text_flags() -> tuple[flags.FlagHolder, ...]:
+  """--text_field, --text_split and --chunk_chars: how the text binaries
+  (train_tokenizer, tokenize_corpus) read documents (readers.read_documents).
+
+  Binaries then call ``flags.adopt_module_key_flags(launch_flags)`` so that
+  ``--help`` lists flags defined here (absl lists the main module's only)."""
+  from mllm_jax.data import readers  # pylint: disable=g-import-not-at-top
+  return (
+      flags.DEFINE_string("text_field", "text",
+                          "JSONL key / Parquet column holding the text."),
+      flags.DEFINE_enum(
+          "text_split", "file", list(readers.TEXT_SPLITS),
+          "How .txt files divide into documents: whole file, runs of "
+          "paragraphs of about --chunk_chars characters, paragraphs, or "
+          "lines."),
+      flags.DEFINE_integer("chunk_chars", 4000,
+                           "--text_split=chunk: characters per document."))
+
+
+def define_inference_flags() -> tuple[flags.FlagHolder, ...]:
+  """--checkpoint, --tokenizer and --mesh of the binaries that load a native
+  checkpoint to run it (generate, evaluate); adopt them as in
+  define_text_flags. The mesh is read with mesh_from_flag."""
+  return (
+      flags.DEFINE_string("checkpoint", None, "Native checkpoint directory."),
+      flags.DEFINE_string(
+          "tokenizer", None, "Tokenizer file or directory, or 'bytes'; "
+          "default: the tokenizer saved in the checkpoint directory."),
+      flags.DEFINE_string(
+          "mesh", "", "Device mesh as axis=size pairs, e.g. 'data=2,fsdp=2,"
+          "tensor=2' (axes data, stage, fsdp, sequence, tensor; unnamed axes "
+          "are 1; one may be -1 for the remaining devices). Parameters are "
+          "sharded by the default rules and batches split over data x fsdp. "
+          "Empty: one device."))
+
+
+def mesh_from_flag(holder: flags.FlagHolder):
+  """The Mesh the --mesh flag names, or None when it is empty."""
+  if not holder.value:
+    return None
+  from mllm_jax.parallel import mesh  # pylint: disable=g-import-not-at-top
+  cfg = mesh.parse_mesh(holder.value)
+  return mesh.make_mesh(cfg)

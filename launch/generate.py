@@ -4,11 +4,22 @@ r"""Samples text from a native checkpoint.
       --prompt="Once upon a time" [--max_new_tokens=64] [--temperature=0.8]
   python -m launch.generate --checkpoint=DIR --tokenizer=PATH --chat
   ... [--mesh=fsdp=4,tensor=2]   # shard the model over 8 devices
+  # chat models (e.g. imported from GGUF): the tokenizer's chat template
+  python -m launch.generate --checkpoint=DIR --chat_template \
+      --prompt="What is the capital of France?" [--system="Be brief."]
 
 `--tokenizer=bytes` uses byte-level ids (for byte-level test models). In
 --chat mode each stdin line is a user turn appended to the conversation; the
 reply streams as it is generated, and the conversation continues from the KV
 cache (the history is never re-encoded). An empty line or EOF ends the chat.
+
+--chat_template renders each --prompt (or each --chat turn) as a user turn
+with the tokenizer's Jinja chat template (tokenizer_config.json's
+`chat_template`, rendered as transformers does, with the generation prompt),
+encodes it without an extra BOS, and stops at EOS or the format's end-of-turn
+token (<|im_end|>, <|eot_id|>, ...); only the replies are printed. A prompt
+already rendered by hand works without the flag too: special tokens such as
+<|im_start|> in the text encode to their ids.
 """
 
 from __future__ import annotations
@@ -37,13 +48,22 @@ _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _STOP = flags.DEFINE_multi_string("stop", [], "Stop string(s).")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
                            "Override the compute dtype.")
+_CHAT_TEMPLATE = flags.DEFINE_bool(
+    "chat_template", False,
+    "Render each --prompt / --chat turn as a user message with the "
+    "tokenizer's chat template (and the assistant's generation prompt); "
+    "stop at EOS or the end-of-turn token; print the replies only.")
+_SYSTEM = flags.DEFINE_string(
+    "system", None, "--chat_template: a system message before the first "
+    "user turn (default: none; the template may add its own).")
 USER, ASSISTANT = "User: ", "Assistant:"
 
 
-def _print_stream(tokenizer, state):
-  """on_chunk callback printing row 0's new text as it arrives."""
+def _print_stream(tokenizer, state, hidden=()):
+  """on_chunk callback printing row 0's new text as it arrives (without
+  the `hidden` ids, e.g. the end-of-turn token)."""
   def on_chunk(new):
-    state["ids"] += new[0]
+    state["ids"] += [t for t in new[0] if t not in hidden]
     text = tokenizer.decode(state["ids"])
     sys.stdout.write(text[state["shown"]:])
     sys.stdout.flush()
@@ -74,6 +94,52 @@ def chat(sampler, tokenizer, sampling) -> None:
     sys.stdout.flush()
 
 
+def _system() -> list[dict[str, str]]:
+  if not _SYSTEM.value:
+    return []
+  return [{"role": "system", "content": _SYSTEM.value}]
+
+
+def _reply(tokenizer, tokens, stops) -> str:
+  """A reply's text, without the end-of-turn token that ended it."""
+  if tokens and tokens[-1] in stops:
+    tokens = tokens[:-1]
+  return tokenizer.decode(tokens)
+
+
+def chat_with_template(sampler, tokenizer, sampling) -> None:
+  """--chat with the chat template: each turn renders the conversation so
+  far; the text past what the cache holds is appended to it (when the
+  template re-renders earlier turns differently, the conversation is
+  encoded afresh)."""
+  stops = tokenizer.end_of_turn_ids()
+  messages = _system()
+  previous, held = None, ""
+  for line in sys.stdin:
+    line = line.rstrip("\n")
+    if not line:
+      break
+    messages.append({"role": "user", "content": line})
+    rendered = tokenizer.apply_chat_template(messages)
+    stream = {"ids": [], "shown": 0}
+    kwargs = dict(sampling=sampling, stop_strings=_STOP.value,
+                  stop_tokens=stops, chunk_size=8,
+                  on_chunk=_print_stream(tokenizer, stream, set(stops)))
+    if previous is not None and rendered.startswith(held):
+      turn = tokenizer.encode(rendered[len(held):])
+      previous = sampler.resume(previous, [turn], _MAX_NEW.value, rows=[0],
+                                **kwargs)
+    else:
+      previous = sampler.generate([tokenizer.encode(rendered)],
+                                  _MAX_NEW.value, seed=_SEED.value, **kwargs)
+    tokens = previous.tokens[0]
+    held = rendered + tokenizer.decode(tokens)
+    messages.append({"role": "assistant",
+                     "content": _reply(tokenizer, tokens, stops)})
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+
+
 def main(argv: list[str]) -> None:
   quiet_library_logs()
   if len(argv) > 1:
@@ -83,6 +149,8 @@ def main(argv: list[str]) -> None:
     raise app.UsageError("give --prompt (one or more) or --chat, not both")
   if _MAX_NEW.value < 1:
     raise app.UsageError("--max_new_tokens must be >= 1")
+  if _SYSTEM.value is not None and not _CHAT_TEMPLATE.value:
+    raise app.UsageError("--system needs --chat_template")
   try:
     sampling = check_sampling_flags(_TEMPERATURE.value, _TOP_K.value,
                                     _TOP_P.value)
@@ -95,10 +163,34 @@ def main(argv: list[str]) -> None:
   if tokenizer.vocab_size > cfg.vocab_size:
     sys.exit(f"generate: error: the tokenizer has {tokenizer.vocab_size} "
              f"ids but the model's vocabulary is {cfg.vocab_size}")
+  if _CHAT_TEMPLATE.value and not tokenizer.chat_template:
+    sys.exit(f"generate: error: --chat_template: the tokenizer "
+             f"{tokenizer.path} has no chat template (tokenizer_config.json "
+             f"'chat_template')")
   sampler = Sampler(model, tokenizer=tokenizer, pad_id=tokenizer.pad_id,
                     mesh=mesh)
   if _CHAT.value:
-    chat(sampler, tokenizer, sampling)
+    try:
+      if _CHAT_TEMPLATE.value:
+        chat_with_template(sampler, tokenizer, sampling)
+      else:
+        chat(sampler, tokenizer, sampling)
+    except ValueError as e:  # A chat template that raised.
+      sys.exit(f"generate: error: {e}")
+    return
+  if _CHAT_TEMPLATE.value:
+    stops = tokenizer.end_of_turn_ids()
+    try:
+      prompts = [tokenizer.encode(tokenizer.apply_chat_template(
+          _system() + [{"role": "user", "content": p}]))
+                 for p in _PROMPT.value]
+    except ValueError as e:
+      sys.exit(f"generate: error: --chat_template: {e}")
+    out = sampler.generate(prompts, _MAX_NEW.value, sampling=sampling,
+                           stop_strings=_STOP.value, stop_tokens=stops,
+                           seed=_SEED.value)
+    for tokens, text, cut in zip(out.tokens, out.texts, out.stop_reasons):
+      print(text if cut == "stop_string" else _reply(tokenizer, tokens, stops))
     return
   out = sampler.generate(list(_PROMPT.value), _MAX_NEW.value,
                          sampling=sampling, stop_strings=_STOP.value,

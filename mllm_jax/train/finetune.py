@@ -1,0 +1,50 @@
+"""What every stage that starts from another run shares: the base model's
+architecture with this run's compute choices, and the finished model written
+as a native checkpoint with the tokenizer beside it.
+
+The stage binaries (`launch/flan.py`, `launch/sft.py`) differ in their data
+and their evaluation; the training itself is `trainer.train` with a
+`TrainTask` (task.py).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+from typing import Any, Mapping
+
+import jax
+
+from mllm_jax.configlib import ConfigError
+from mllm_jax.convert import native
+from mllm_jax.modeling.config import RUN_FIELDS, ModelConfig
+
+
+def base_model_config(init_checkpoint: str, run: Mapping[str, Any],
+                      field: str = "init_checkpoint") -> ModelConfig:
+  """The architecture saved in `init_checkpoint` with the run choices of
+  `run` (the stage config's `model` section: RUN_FIELDS and, when set, the
+  compute `dtype`)."""
+  if not init_checkpoint:
+    raise ConfigError(f"{field}: is empty; name the native checkpoint this "
+                      f"stage starts from (launch.pretrain's WORKDIR/model, or "
+                      f"launch.convert_checkpoint's output)")
+  unknown = sorted(set(run) - set(RUN_FIELDS) - {"dtype"})
+  if unknown:
+    raise ConfigError(f"model.{unknown[0]}: only run choices "
+                      f"({', '.join(RUN_FIELDS)}, dtype) can be set here; the "
+                      f"architecture comes from {init_checkpoint}")
+  overrides = {k: v for k, v in run.items() if k != "dtype" or v}
+  return native.read_config(init_checkpoint, **overrides)
+
+
+def save_with_tokenizer(model_dir: str, cfg: ModelConfig, model,
+                        tokenizer_dir: str) -> None:
+  """The model as a native checkpoint, with the tokenizer files of
+  `tokenizer_dir` (tokenizer.model / tokenizer.json / tokenizer_config.json)
+  copied beside it, so generate and evaluate need only this directory."""
+  native.save_model(model_dir, cfg, model, overwrite=True)
+  if jax.process_index() == 0:
+    for path in glob.glob(os.path.join(tokenizer_dir, "tokenizer*")):
+      shutil.copy(path, model_dir)

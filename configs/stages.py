@@ -1,7 +1,7 @@
 """Config parts shared by the stages that start from another run (FLAN, SFT).
 
 `finetune_config(...)` gives every field but the stage's data: the base
-checkpoint, this run's compute choices (`model.*`: the architecture comes
+checkpoint, this run's compute choices (`run.*`: the architecture comes
 from the checkpoint), mesh, optimizer and train settings, and evaluation
 sizes. Stage config files add their data section.
 """
@@ -25,9 +25,9 @@ def finetune_config(*, tiny: bool, steps: int, batch_size: int, seq_len: int,
   # A native checkpoint (with its tokenizer): launch.pretrain's WORKDIR/model
   # or launch.convert_checkpoint's output.
   config.init_checkpoint = ""
-  # Run choices only (mllm_jax.modeling.config.RUN_FIELDS; dtype "" keeps
-  # the checkpoint's compute dtype).
-  config.model = ml_collections.ConfigDict(dict(
+  # How this run computes (mllm_jax.modeling.config.RUN_FIELDS, and dtype:
+  # "" keeps the checkpoint's compute dtype); the architecture is the base's.
+  config.run = ml_collections.ConfigDict(dict(
       attention_backend="cpu_fused" if tiny else "xla",
       custom_vjp=tiny, remat="none", scan_unroll=1, loss_chunk_len=0,
       dtype=""))

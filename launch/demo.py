@@ -214,6 +214,38 @@ def flan_stage(workdir: str) -> list[str]:
   return lines + [""]
 
 
+def sft_stage(workdir: str) -> list[str]:
+  """SFT of the tiny pretrained model on real ShareGPT conversations, loss on
+  the assistant's turns; held-out: alpaca-eval's instructions."""
+  out = os.path.join(workdir, "sft")
+  if not os.path.exists(os.path.join(out, "summary.json")):
+    run("sft", ["--config=configs/sft.py:tiny", f"--workdir={out}",
+                "--config.init_checkpoint=" + os.path.join(
+                    workdir, "pretrain", "model")])
+  s = json.load(open(os.path.join(out, "summary.json")))
+  b, a = s["before"], s["after"]
+  lines = ["## SFT: conversations, loss on the assistant's turns", "",
+           f"- {s['train_conversations']:,} ShareGPT conversations in the "
+           f"`{s['format']}` format (dropped: "
+           f"{s['train_data']['dropped'] or 'none'}; "
+           f"{s['train_data']['notes'].get('truncated', 0)} truncated to the "
+           f"256-token rows), packed at {s['packing_efficiency']:.1%} real "
+           f"tokens per row",
+           f"- held-out response loss on {len(s['eval_data']['notes']) and s['eval_data']['notes'].get('encoded', 0)} "
+           f"alpaca-eval instructions (reference answers): "
+           f"**{b['response_loss']:.3f} -> {a['response_loss']:.3f}** nats/token",
+           f"- turns ended with the end-of-turn token within "
+           f"{a['prompts']} held-out prompts: {b['end_of_turn_rate']:.0%} -> "
+           f"**{a['end_of_turn_rate']:.0%}** (mean reply "
+           f"{b['mean_reply_tokens']:.0f} -> {a['mean_reply_tokens']:.0f} "
+           f"tokens)",
+           "- zero-shot benchmarks before -> after (they should not "
+           "collapse): " + ", ".join(
+               f"{k} {b['benchmarks'][k]:.3f} -> {a['benchmarks'][k]:.3f}"
+               for k in a["benchmarks"]), ""]
+  return lines
+
+
 BASE_TASKS = {"piqa": 2, "arc_easy": 4}  # task -> choices
 
 
@@ -256,7 +288,7 @@ def base_model(workdir: str) -> list[str]:
 
 STAGES: list[Callable[[str], list[str]]] = [clean_web, tokenize, pretrain,
                                             generate, evaluate, flan_stage,
-                                            base_model]
+                                            sft_stage, base_model]
 
 
 def main(argv):

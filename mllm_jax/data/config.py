@@ -95,3 +95,41 @@ def _source(entry: Any) -> Source:
 
 def raise_error(field: str, message: str) -> None:
   check(False, field, message)
+
+
+SCHEMAS = ("auto", "native", "sharegpt", "alpaca")
+OVERFLOWS = ("truncate", "drop")
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatDataConfig:
+  """Supervised fine-tuning data: conversations in files, one chat format.
+
+  train_files / eval_files: globs or comma-separated paths of JSON / JSONL
+  conversations (mllm_jax.data.chat: native, ShareGPT or Alpaca schema;
+  "auto" detects per record). Empty: the fetched ShareGPT dump for training
+  and alpaca-eval's 805 instructions with references for evaluation.
+  format: a registered chat format (chat.FORMATS) or "hf_template" (the
+  template carried by the base checkpoint's tokenizer). max_conversations /
+  eval_conversations: the first N read (0: all). overflow: what happens to
+  a conversation longer than seq_len + 1 tokens.
+  """
+  train_files: str = ""
+  train_schema: str = "auto"
+  eval_files: str = ""
+  eval_schema: str = "auto"
+  format: str = "vicuna_v1"
+  max_conversations: int = 0
+  eval_conversations: int = 200
+  overflow: str = "truncate"
+  pack_window: int = 64
+  seed: int = 0
+
+  def validate(self, prefix: str = "data") -> None:
+    check_choice(self.train_schema, SCHEMAS, f"{prefix}.train_schema")
+    check_choice(self.eval_schema, SCHEMAS, f"{prefix}.eval_schema")
+    check_choice(self.overflow, OVERFLOWS, f"{prefix}.overflow")
+    check(bool(self.format), f"{prefix}.format", "is empty")
+    for name in ("max_conversations", "eval_conversations"):
+      check(getattr(self, name) >= 0, f"{prefix}.{name}", "must be >= 0")
+    check(self.pack_window >= 1, f"{prefix}.pack_window", "must be >= 1")

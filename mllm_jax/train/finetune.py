@@ -24,7 +24,7 @@ from mllm_jax.modeling.config import RUN_FIELDS, ModelConfig
 def base_model_config(init_checkpoint: str, run: Mapping[str, Any],
                       field: str = "init_checkpoint") -> ModelConfig:
   """The architecture saved in `init_checkpoint` with the run choices of
-  `run` (the stage config's `model` section: RUN_FIELDS and, when set, the
+  `run` (the stage config's `run` section: RUN_FIELDS and, when set, the
   compute `dtype`)."""
   if not init_checkpoint:
     raise ConfigError(f"{field}: is empty; name the native checkpoint this "
@@ -32,7 +32,7 @@ def base_model_config(init_checkpoint: str, run: Mapping[str, Any],
                       f"launch.convert_checkpoint's output)")
   unknown = sorted(set(run) - set(RUN_FIELDS) - {"dtype"})
   if unknown:
-    raise ConfigError(f"model.{unknown[0]}: only run choices "
+    raise ConfigError(f"run.{unknown[0]}: only run choices "
                       f"({', '.join(RUN_FIELDS)}, dtype) can be set here; the "
                       f"architecture comes from {init_checkpoint}")
   overrides = {k: v for k, v in run.items() if k != "dtype" or v}
@@ -48,3 +48,19 @@ def save_with_tokenizer(model_dir: str, cfg: ModelConfig, model,
   if jax.process_index() == 0:
     for path in glob.glob(os.path.join(tokenizer_dir, "tokenizer*")):
       shutil.copy(path, model_dir)
+
+
+def heldout_loss(model, batches) -> float:
+  """Weighted next-token loss of `model` over packed batches (for SFT the
+  response loss: only assistant tokens carry weight), the same loss the
+  trainer optimises and reports as eval_loss."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from mllm_jax.train.task import lm_loss  # pylint: disable=g-import-not-at-top
+  loss = jax.jit(lm_loss())
+  total, weight = 0.0, 0.0
+  for batch in batches:
+    loss_sum, sums = loss(model, {k: jnp.asarray(v) for k, v in
+                                  batch.items()})
+    total += float(sums["loss"])
+    weight += float(sums["weight"])
+  return total / max(weight, 1.0)

@@ -1,0 +1,227 @@
+r"""Supervised fine-tuning on conversations, with the loss on the assistant's
+turns only (their end-of-turn tokens included).
+
+  python -m launch.sft --config=configs/sft.py:tiny --workdir=DIR \
+      --config.init_checkpoint=BASE [--config.data.format=chatml ...]
+
+BASE is a native checkpoint with its tokenizer. Conversations come from
+`data.train_files` (ShareGPT, Alpaca or our JSONL schema; default: the
+fetched ShareGPT dump), are rendered in one chat format, tokenised part by
+part so the mask cannot drift, packed several to a row, and trained through
+the one trainer. Before and after: the held-out response loss (default:
+alpaca-eval's instructions with their reference answers), how often the
+model ends its turn on held-out prompts, and zero-shot benchmarks (to see
+that they do not collapse). Writes DIR/summary.json and DIR/model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from launch.flags import quiet_library_logs
+from mllm_jax import paths
+from mllm_jax.configlib import ConfigError, check, from_config
+from mllm_jax.convert import native
+from mllm_jax.data import chat
+from mllm_jax.data.config import ChatDataConfig
+from mllm_jax.data.packing import PackedExampleIterator
+from mllm_jax.data.tokenizer import load_tokenizer
+from mllm_jax.eval import runner
+from mllm_jax.generate.sampler import Sampler
+from mllm_jax.parallel.config import ParallelConfig
+from mllm_jax.parallel.mesh import initialize_distributed
+from mllm_jax.runtime import keep_freed_memory
+from mllm_jax.train.compile import check_layout
+from mllm_jax.train.config import OptimizerConfig, TrainConfig
+from mllm_jax.train.finetune import (base_model_config, heldout_loss,
+                                     save_with_tokenizer)
+from mllm_jax.train.metrics import console
+from mllm_jax.train.task import language_model_task
+from mllm_jax.train.trainer import train
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "SFT config file and preset, e.g. configs/sft.py:tiny; "
+    "override fields with --config.a.b=value.", lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Run directory; an existing run there is resumed.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+# A format that shifts tokens on more than this share of conversations is
+# the wrong format for this tokenizer, not a few odd records.
+MAX_SHIFTED = 0.01
+
+
+def read_examples(files: str, schema: str, limit: int, tokenizer, fmt,
+                  max_len: int, overflow: str, what: str):
+  """(conversations, examples) read and encoded; bad records and those the
+  format cannot tokenise exactly are dropped and counted, never fatal."""
+  stats = chat.ChatStats()
+  conversations, examples = [], []
+  for conv in chat.read_conversations(files, schema, stats):
+    try:
+      example = chat.encode(conv, tokenizer, fmt, max_len, overflow, stats)
+    except chat.ChatFormatError as e:
+      stats.add(chat.readers.Drop("format_shift", str(e)[:200]))
+      continue
+    if example is not None:
+      conversations.append(conv)
+      examples.append(example)
+    if limit and len(examples) >= limit:
+      break
+  summary = stats.summary()
+  shifted = summary["dropped"].get("format_shift", 0)
+  if shifted > MAX_SHIFTED * max(len(examples) + shifted, 1):
+    raise ConfigError(
+        f"data.format: {fmt.name} shifts tokens in {shifted} {what} "
+        f"conversations ({summary['dropped_examples']['format_shift'][:2]}); "
+        f"choose a format this tokenizer renders exactly")
+  check(bool(examples), f"data.{what}_files",
+        f"no usable conversation in {files} ({summary})")
+  console(f"{what}: {len(examples):,} conversations kept; dropped "
+          f"{summary['dropped'] or 'none'}; {summary['notes']}")
+  return conversations, examples, summary
+
+
+def eval_batches(examples, seq_len: int, batch_size: int) -> list[dict]:
+  """The held-out examples packed once, in order (no repeat)."""
+  it = PackedExampleIterator(examples, seq_len=seq_len,
+                             global_batch_size=batch_size,
+                             process_index=jax.process_index(),
+                             process_count=jax.process_count())
+  return list(it)
+
+
+def end_of_turn(fmt, tokenizer) -> tuple[list[int], list[str]]:
+  """(stop tokens, stop strings) that end an assistant turn in `fmt`."""
+  text = getattr(fmt, "end_of_turn", None)
+  if text is None:  # a template format: its end-of-turn token(s)
+    return list(getattr(tokenizer, "end_of_turn_ids", ())) or [
+        tokenizer.eos_id], []
+  if text == chat.EOS:
+    return [tokenizer.eos_id], []
+  return [tokenizer.eos_id], [text]
+
+
+def chat_eval(checkpoint: str, fmt, conversations, batches, limit: int,
+              max_new_tokens: int, benchmarks: list[str]) -> dict:
+  """Held-out response loss, end-of-turn rate on held-out prompts, and
+  zero-shot benchmark accuracy of one checkpoint."""
+  tokenizer = load_tokenizer(checkpoint)
+  _, model = native.load_model(checkpoint)
+  out = {"response_loss": heldout_loss(model, batches)}
+  prompts = [chat.encode_prompt(chat.Conversation(
+      c.id, c.turns[:-1], c.system), tokenizer, fmt).tolist()
+             for c in conversations[:limit]]
+  stop_tokens, stop_strings = end_of_turn(fmt, tokenizer)
+  sampler = Sampler(model, tokenizer=tokenizer, pad_id=tokenizer.pad_id)
+  generation = sampler.generate(prompts, max_new_tokens,
+                                stop_tokens=stop_tokens,
+                                stop_strings=stop_strings)
+  ended = [r in ("stop_token", "stop_string")
+           for r in generation.stop_reasons]
+  out.update(end_of_turn_rate=float(np.mean(ended)), prompts=len(prompts),
+             mean_reply_tokens=float(np.mean([len(t) for t in
+                                              generation.tokens])),
+             example_reply=generation.texts[0])
+  if benchmarks:
+    results = runner.evaluate(model, tokenizer, benchmarks, 0, limit)
+    out["benchmarks"] = {name: results[name]["acc"] for name in benchmarks}
+  return out
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  quiet_library_logs()
+  initialize_distributed()
+  if jax.default_backend() == "cpu":
+    keep_freed_memory()
+  config, workdir = _CONFIG.value, _WORKDIR.value
+
+  # ------------------------------------------------------------------ configs
+  try:
+    model_cfg = base_model_config(config.init_checkpoint,
+                                  config.run.to_dict())
+    parallel = from_config(ParallelConfig, config.parallel, "parallel")
+    optimizer_cfg = from_config(OptimizerConfig, config.optimizer, "optimizer")
+    train_cfg = from_config(TrainConfig, config.train, "train")
+    data = from_config(ChatDataConfig, config.data, "data")
+    model_cfg.check_seq_len(config.seq_len, "seq_len")
+    model_cfg.check_platform()
+    optimizer_cfg.check_platform()
+    check_layout(model_cfg, parallel, train_cfg.batch_size,
+                 train_cfg.grad_accum_steps, jax.device_count())
+    tokenizer = load_tokenizer(config.init_checkpoint)
+    try:
+      fmt = chat.get_format(data.format, tokenizer)
+    except (ValueError, FileNotFoundError) as e:
+      raise ConfigError(f"data.format: {e}") from e
+    max_len = config.seq_len + 1
+
+    # ---------------------------------------------------------------- data
+    _, train_examples, train_stats = read_examples(
+        data.train_files or paths.sharegpt_json(), data.train_schema,
+        data.max_conversations, tokenizer, fmt, max_len, data.overflow,
+        "train")
+    eval_convs, eval_examples, eval_stats = read_examples(
+        data.eval_files or paths.alpaca_eval_json(), data.eval_schema,
+        data.eval_conversations, tokenizer, fmt, max_len, data.overflow,
+        "eval")
+    task = language_model_task(model_cfg, trainable=train_cfg.trainable,
+                               init_checkpoint=config.init_checkpoint,
+                               name="sft")
+  except (ConfigError, FileNotFoundError) as e:
+    sys.exit(f"error: {e}")
+  train_iter = PackedExampleIterator(
+      train_examples, seq_len=config.seq_len,
+      global_batch_size=train_cfg.batch_size,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      shuffle=True, repeat=True, seed=data.seed, window=data.pack_window)
+  held_out = eval_batches(eval_examples, config.seq_len, train_cfg.batch_size)
+  os.makedirs(workdir, exist_ok=True)
+  evaluate = lambda checkpoint: chat_eval(
+      checkpoint, fmt, eval_convs, held_out, config.eval.limit,
+      config.eval.max_new_tokens, list(config.eval.benchmarks))
+
+  # ------------------------------------------------------------------ before
+  before_file = os.path.join(workdir, "before.json")
+  if not os.path.exists(before_file):
+    before = evaluate(config.init_checkpoint)
+    if jax.process_index() == 0:
+      with open(before_file, "w") as f:
+        json.dump(before, f, indent=2)
+  before = json.load(open(before_file))
+
+  # ------------------------------------------------------------------ train
+  last, model = train(task, parallel, optimizer_cfg, train_cfg, config.seed,
+                      workdir, train_iter, held_out)
+  model_dir = os.path.join(workdir, "model")
+  save_with_tokenizer(model_dir, model_cfg, model, config.init_checkpoint)
+  del model
+
+  # ------------------------------------------------------------------ after
+  after = evaluate(model_dir)
+  if jax.process_index() == 0:
+    summary = {"base": config.init_checkpoint, "format": fmt.name,
+               "train_data": train_stats, "eval_data": eval_stats,
+               "train_conversations": len(train_examples),
+               "packing_efficiency": train_iter.efficiency,
+               "final_train_loss": last.get("loss"),
+               "before": before, "after": after}
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=2, default=float)
+    console(f"held-out response loss {before['response_loss']:.3f} -> "
+            f"{after['response_loss']:.3f}; turns ended "
+            f"{before['end_of_turn_rate']:.0%} -> "
+            f"{after['end_of_turn_rate']:.0%} of {after['prompts']} prompts")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -367,8 +367,9 @@ SHAREGPT_BAD = {
     "empty_turn": sg("b2", ("human", "a"), ("gpt", "   ")),
     "unknown_role": sg("b3", ("human", "a"), ("tool", "b")),
     "no_assistant_turn": sg("b4", ("human", "only a question")),
-    "starts_with_assistant": sg("b5", ("gpt", "hi"), ("human", "x"),
-                                ("gpt", "y")),
+    # Kept: a leading assistant greeting is skipped (as FastChat does).
+    "skipped_leading_assistant_turn": sg("b5", ("gpt", "hi"), ("human", "x"),
+                                         ("gpt", "y")),
     "misplaced_system": sg("b6", ("human", "a"), ("system", "s"),
                            ("gpt", "b")),
     "image_count_mismatch": sg("b7", ("human", "<image> a"), ("gpt", "b")),
@@ -391,20 +392,23 @@ def test_sharegpt_reader(tmp_path):
   path.write_text(text)
   stats = chat.ChatStats()
   convs = list(chat.read_conversations(str(path), "sharegpt", stats))
-  assert [c.id for c in convs] == ["g1", "g2", "g3", "sharegpt.json:6"]
+  assert [c.id for c in convs] == ["g1", "g2", "g3", "sharegpt.json:6",
+                                   "b5"]
   assert convs[0].system == "Be brief." and len(convs[0].turns) == 4
   assert convs[1].turns == (Turn("user", "padded"), Turn("assistant", "ok"))
   assert convs[2].images == ("dog.jpg",) and convs[2].num_images == 1
-  assert dict(stats.counts) == {**{k: 1 for k in SHAREGPT_BAD},
-                                "truncated_json": 1}
-  assert stats.notes == {"read": 4, "trimmed_final_user_turn": 1}
+  assert convs[4].turns == (Turn("user", "x"), Turn("assistant", "y"))
+  dropped = {k: 1 for k in SHAREGPT_BAD if k != "skipped_leading_assistant_turn"}
+  assert dict(stats.counts) == {**dropped, "truncated_json": 1}
+  assert stats.notes == {"read": 5, "trimmed_final_user_turn": 1,
+                         "skipped_leading_assistant_turn": 1}
   # The same with auto-detection, and from JSONL.
   jsonl = tmp_path / "sharegpt.jsonl"
   jsonl.write_text("\n".join(json.dumps(r) for r in records) + "\n")
   stats2 = chat.ChatStats()
   assert [c.id for c in chat.read_conversations(str(jsonl), stats=stats2)
-          ] == ["g1", "g2", "g3", "sharegpt.jsonl:6"]
-  auto = {**{k: 1 for k in SHAREGPT_BAD}, "unknown_schema": 1}
+          ] == ["g1", "g2", "g3", "sharegpt.jsonl:6", "b5"]
+  auto = {**dropped, "unknown_schema": 1}
   del auto["missing_conversations"]  # no key says which schema it is
   assert dict(stats2.counts) == auto
 
@@ -467,3 +471,29 @@ def test_encode_all_counts(neox):
   out = chat.encode_all(convs, neox, "vicuna_v1", max_len=80,
                         overflow="drop", stats=stats)
   assert len(out) == 1 and stats.counts == {"too_long": 1}
+
+
+def test_overflow_rounds_keeps_whole_leading_rounds():
+  """overflow="rounds": a conversation too long for a row keeps the whole
+  rounds that fit, each answer with its end-of-turn token trained."""
+  from mllm_jax.data.tokenizer import ByteTokenizer  # pylint: disable=g-import-not-at-top
+  tokenizer = ByteTokenizer()
+  turns = []
+  for i in range(4):
+    turns += [chat.Turn("user", f"question {i}"),
+              chat.Turn("assistant", f"answer number {i}")]
+  conv = chat.Conversation("long", tuple(turns), "")
+  full = chat.encode(conv, tokenizer, "vicuna_v1")
+  two = chat.encode(chat.Conversation("two", tuple(turns[:4]), ""),
+                    tokenizer, "vicuna_v1")
+  stats = chat.ChatStats()
+  cut = chat.encode(conv, tokenizer, "vicuna_v1", max_len=len(two["ids"]) + 3,
+                    overflow="rounds", stats=stats)
+  assert len(full["ids"]) > len(cut["ids"])
+  np.testing.assert_array_equal(cut["ids"], two["ids"])
+  np.testing.assert_array_equal(cut["weights"], two["weights"])
+  assert cut["ids"][-1] == tokenizer.eos_id and cut["weights"][-1] == 1
+  assert stats.notes["cut_to_leading_rounds"] == 1
+  assert chat.encode(conv, tokenizer, "vicuna_v1", max_len=5,
+                     overflow="rounds", stats=stats) is None
+  assert stats.counts["first_round_too_long"] == 1

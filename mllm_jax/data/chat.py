@@ -53,6 +53,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from mllm_jax.data import readers
+from mllm_jax.data.config import OVERFLOWS as OVERFLOW
 from mllm_jax.data.tokenizer import IMAGE, Tokenizer
 
 USER, ASSISTANT, SYSTEM = "user", "assistant", "system"
@@ -65,7 +66,6 @@ SHAREGPT_ROLES = {
     "bing": ASSISTANT, "bard": ASSISTANT, "model": ASSISTANT,
     "system": SYSTEM,
 }
-OVERFLOW = ("truncate", "drop")
 
 
 class ConversationError(ValueError):
@@ -336,6 +336,11 @@ def sharegpt_conversation(record: Any, default_id: str,
       continue
     if not text:
       raise ConversationError("empty_turn", f"turn {i}")
+    if role == ASSISTANT and not turns:
+      # Dumps often open with the assistant's greeting: FastChat skips it.
+      if stats is not None:
+        stats.note("skipped_leading_assistant_turn")
+      continue
     turns.append((role, text, ""))
   if record.get("system") is not None and system is None:
     system = _clean(record["system"], -1)
@@ -903,8 +908,11 @@ def encode(conversation: Conversation, tokenizer: Tokenizer,
   1 exactly on assistant content and end-of-turn tokens, 0 elsewhere (the
   example schema of mllm_jax.data.packing; max_len = seq_len + 1 there).
 
-  Longer than max_len: "truncate" keeps the first max_len tokens (None, and
-  counted, when no assistant token is left); "drop" returns None. Raises
+  Longer than max_len: "rounds" keeps the leading whole rounds (user turn,
+  answer and its end-of-turn) that fit, so every kept answer is trained to
+  end its turn (None, counted, when not even the first round fits);
+  "truncate" keeps the first max_len tokens (None, and counted, when no
+  assistant token is left); "drop" returns None. Raises
   ChatFormatError naming the conversation and the format when the format
   cannot be tokenised exactly (see _tokenize_run) or trains nothing.
   """
@@ -926,6 +934,9 @@ def encode(conversation: Conversation, tokenizer: Tokenizer,
       if stats is not None:
         stats.add(readers.Drop("too_long", where))
       return None
+    if overflow == "rounds":
+      return _leading_rounds(conversation, tokenizer, fmt, max_len, stats,
+                             where)
     ids, weights = ids[:max_len], weights[:max_len]
     if not weights[1:].any():
       if stats is not None:
@@ -936,6 +947,27 @@ def encode(conversation: Conversation, tokenizer: Tokenizer,
   if stats is not None:
     stats.note("encoded")
   return {"ids": ids, "weights": weights}
+
+
+def _leading_rounds(conversation: Conversation, tokenizer: Tokenizer,
+                    fmt: ChatFormat, max_len: int, stats: ChatStats | None,
+                    where: str) -> dict[str, np.ndarray] | None:
+  """The longest prefix of whole rounds of `conversation` within max_len."""
+  rounds = [i + 1 for i, t in enumerate(conversation.turns)
+            if t.role == ASSISTANT]
+  for end in reversed(rounds[:-1]):
+    shorter = dataclasses.replace(conversation,
+                                  turns=conversation.turns[:end])
+    ids, weights = tokenize_parts(fmt.parts(shorter), tokenizer, fmt,
+                                  conversation.id)
+    if len(ids) <= max_len:
+      if stats is not None:
+        stats.note("cut_to_leading_rounds")
+        stats.note("encoded")
+      return {"ids": ids, "weights": weights}
+  if stats is not None:
+    stats.add(readers.Drop("first_round_too_long", where))
+  return None
 
 
 def encode_prompt(conversation: Conversation, tokenizer: Tokenizer,

@@ -98,7 +98,8 @@ def raise_error(field: str, message: str) -> None:
 
 
 SCHEMAS = ("auto", "native", "sharegpt", "alpaca")
-OVERFLOWS = ("truncate", "drop")
+# What happens to a conversation longer than a row (mllm_jax.data.chat.encode).
+OVERFLOWS = ("rounds", "truncate", "drop")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +122,7 @@ class ChatDataConfig:
   format: str = "vicuna_v1"
   max_conversations: int = 0
   eval_conversations: int = 200
-  overflow: str = "truncate"
+  overflow: str = "rounds"
   pack_window: int = 64
   seed: int = 0
 

@@ -92,10 +92,11 @@ def tokenize(workdir: str) -> list[str]:
   lines = ["## Tokens: a 1,024-piece SentencePiece BPE over both sources", "",
            "| shards | documents | tokens | dropped |", "| --- | ---: | ---: | ---: |"]
   for name, inputs, split in jobs:
-    run("tokenize_corpus", [f"--input={inputs}",
-                            f"--tokenizer={tokenizer}.model",
-                            f"--output_dir={out}", f"--name={name}",
-                            f"--text_split={split}"])
+    if not os.path.exists(os.path.join(out, f"{name}.summary.json")):
+      run("tokenize_corpus", [f"--input={inputs}",
+                              f"--tokenizer={tokenizer}.model",
+                              f"--output_dir={out}", f"--name={name}",
+                              f"--text_split={split}"])
     summary = json.load(open(os.path.join(out, f"{name}.summary.json")))
     lines.append(f"| {name} | {summary['documents']:,} | "
                  f"{summary['tokens']:,} | {sum(summary['dropped'].values())} |")
@@ -231,7 +232,7 @@ def sft_stage(workdir: str) -> list[str]:
            f"{s['train_data']['notes'].get('truncated', 0)} truncated to the "
            f"256-token rows), packed at {s['packing_efficiency']:.1%} real "
            f"tokens per row",
-           f"- held-out response loss on {len(s['eval_data']['notes']) and s['eval_data']['notes'].get('encoded', 0)} "
+           f"- held-out response loss on {s['eval_data']['notes'].get('encoded', 0)} "
            f"alpaca-eval instructions (reference answers): "
            f"**{b['response_loss']:.3f} -> {a['response_loss']:.3f}** nats/token",
            f"- turns ended with the end-of-turn token within "

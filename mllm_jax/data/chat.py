@@ -300,6 +300,8 @@ def _build(conv_id: str, system: str | None, turns: list[tuple[str, str, str]],
   trimmed = bool(turns) and turns[-1][0] == USER
   if trimmed:
     turns = turns[:-1]
+    if turns and turns[-1][0] == USER:  # two user turns in a row at the end
+      raise ConversationError("not_alternating", "two final user turns")
   if not any(role == ASSISTANT for role, _, _ in turns):
     raise ConversationError("no_assistant_turn")
   conv = Conversation(str(conv_id), tuple(Turn(r, c, x) for r, c, x in turns),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import TYPE_CHECKING
 
 import flax.struct
 import jax
@@ -20,6 +21,9 @@ from mllm_jax.kernels import cpu_attention
 from mllm_jax.modeling.config import ModelConfig
 from mllm_jax.modeling.layers import apply_rope, param, rope_frequencies
 from mllm_jax.parallel.sharding import constrain, current_mesh, current_spec
+
+if TYPE_CHECKING:
+  from mllm_jax.modeling.peft import Adapters, LayerInputs
 
 # Large but finite, so a fully masked row (padding) gives no NaN.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -262,7 +266,8 @@ class KVCache:
 class Attention(nnx.Module):
   """Multi-head, grouped-query or multi-query self-attention (no biases)."""
 
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs,
+               peft: Adapters | None = None):
     d, h, kv, hd = cfg.embed_dim, cfg.num_heads, cfg.kv_heads, cfg.head_size
     dt, std = cfg.weight_dtype, cfg.init_std
     self.cfg = cfg
@@ -273,14 +278,25 @@ class Attention(nnx.Module):
                    std)
     self.o = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), dt,
                    std / math.sqrt(2 * cfg.num_layers))
+    # PEFT (modeling/peft.py): LoRA on q/k/v/o, or None.
+    self.peft = None if peft is None else peft.attention(self, rngs)
 
   def __call__(self, x, positions, segment_ids, mask, bias, layer_cache=None,
-               cache_index=None, has_prefix=False):
-    """x [B,T,E] -> ([B,T,E], updated (k, v) of this layer or None)."""
+               cache_index=None, has_prefix=False,
+               peft_inputs: LayerInputs | None = None):
+    """x [B,T,E] -> ([B,T,E], updated (k, v) of this layer or None).
+
+    peft_inputs (PEFT only): keys and values to put before the sequence's
+    (prefix, prompt and P-tuning; `mask` and `bias` already cover them) and
+    the LoRA dropout key.
+    """
     cfg, dt = self.cfg, self.cfg.compute_dtype
     q = jnp.einsum("btd,dhk->bthk", x, self.q[...].astype(dt))
     k = jnp.einsum("btd,dhk->bthk", x, self.k[...].astype(dt))
     v = jnp.einsum("btd,dhk->bthk", x, self.v[...].astype(dt))
+    if self.peft is not None:  # + scale * (x A) B on the targeted ones
+      q, k, v = (self.peft.update(name, x, y, peft_inputs)
+                 for name, y in (("q", q), ("k", k), ("v", v)))
     q = constrain(q, ("act_batch", "act_length", "act_heads", None))
     k = constrain(k, ("act_batch", "act_length", "act_kv_heads", None))
     v = constrain(v, ("act_batch", "act_length", "act_kv_heads", None))
@@ -290,14 +306,19 @@ class Attention(nnx.Module):
       k = apply_rope(k, positions, inv_freq)
 
     if layer_cache is not None:
-      # Decoding is memory-bound: the reference path over the whole cache.
       at = (0, cache_index, 0, 0)
       k = jax.lax.dynamic_update_slice(layer_cache[0], k.astype(
           layer_cache[0].dtype), at)
       v = jax.lax.dynamic_update_slice(layer_cache[1], v.astype(
           layer_cache[1].dtype), at)
-      out = xla_attention(q, k.astype(dt), v.astype(dt), mask, bias)
       layer_cache = (k, v)
+      k, v = k.astype(dt), v.astype(dt)
+    if peft_inputs is not None:
+      k, v = peft_inputs.prepend(k, v)
+
+    if layer_cache is not None:
+      # Decoding is memory-bound: the reference path over the whole cache.
+      out = xla_attention(q, k, v, mask, bias)
     elif cfg.attention_backend == "xla" and cfg.custom_vjp:
       out = custom_vjp_attention(q, k, v, mask, bias)
     elif cfg.attention_backend == "xla":
@@ -315,6 +336,8 @@ class Attention(nnx.Module):
             "'xla' or 'dot_product'")
       out = splash_attention(q, k, v, segment_ids,
                              interpret=jax.default_backend() != "tpu")
-    out = constrain(out, ("act_batch", "act_length", "act_heads", None))
-    out = jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(dt))
+    heads = constrain(out, ("act_batch", "act_length", "act_heads", None))
+    out = jnp.einsum("bthk,hkd->btd", heads, self.o[...].astype(dt))
+    if self.peft is not None:
+      out = self.peft.update("o", heads, out, peft_inputs)
     return out, layer_cache

@@ -7,6 +7,8 @@ body is rematerialised according to `model.remat`.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -15,6 +17,9 @@ from mllm_jax.modeling.attention import Attention, KVCache, attention_mask
 from mllm_jax.modeling.config import ModelConfig
 from mllm_jax.modeling.layers import MLP, Embed, RMSNorm, alibi_bias, param
 from mllm_jax.parallel.sharding import constrain
+
+if TYPE_CHECKING:
+  from mllm_jax.modeling.peft import Adapters, LayerInputs
 
 ACTIVATION = ("act_batch", "act_length", "act_embed")
 
@@ -34,39 +39,53 @@ def remat_policy(name: str):
 class Block(nnx.Module):
   """x + attn(norm(x)), then x + mlp(norm(x))."""
 
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs,
+               peft: Adapters | None = None):
     self.attn_norm = RMSNorm(cfg.embed_dim, cfg, rngs)
-    self.attn = Attention(cfg, rngs)
+    self.attn = Attention(cfg, rngs, peft)
     self.mlp_norm = RMSNorm(cfg.embed_dim, cfg, rngs)
-    self.mlp = MLP(cfg, rngs)
+    self.mlp = MLP(cfg, rngs, peft)
+    # PEFT (modeling/peft.py): bottleneck adapters, or None.
+    self.peft = None if peft is None else peft.block(cfg, rngs)
 
   def __call__(self, x, positions, segment_ids, mask, bias, layer_cache,
-               cache_index, has_prefix):
+               cache_index, has_prefix, peft_inputs: LayerInputs | None = None):
     h, layer_cache = self.attn(self.attn_norm(x), positions, segment_ids, mask,
-                               bias, layer_cache, cache_index, has_prefix)
+                               bias, layer_cache, cache_index, has_prefix,
+                               peft_inputs)
+    if self.peft is not None:
+      h = self.peft.after_attention(h)
     x = constrain(x + h, ACTIVATION)
-    x = constrain(x + self.mlp(self.mlp_norm(x)), ACTIVATION)
+    h = self.mlp(self.mlp_norm(x), peft_inputs)
+    if self.peft is not None:
+      h = self.peft.after_mlp(h)
+    x = constrain(x + h, ACTIVATION)
     return x, layer_cache
 
 
 class Decoder(nnx.Module):
   """Token ids -> float32 logits, optionally through a KV cache."""
 
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs,
+               peft: Adapters | None = None):
+    """peft: what `mllm_jax.modeling.peft.build_model` passes for a PEFT
+    method; each module then holds its adapter as `.peft` (else None)."""
     self.cfg = cfg
-    self.embed = Embed(cfg, rngs)
+    self.embed = Embed(cfg, rngs, peft)
 
     @nnx.split_rngs(splits=cfg.num_layers)
     @nnx.vmap(in_axes=(0,), out_axes=0,
               transform_metadata={nnx.PARTITION_NAME: "layers"})
     def stacked_blocks(rngs):
-      return Block(cfg, rngs)
+      return Block(cfg, rngs, peft)
 
     self.blocks = stacked_blocks(rngs)
     self.final_norm = RMSNorm(cfg.embed_dim, cfg, rngs)
     if not cfg.tie_embeddings:
       self.lm_head = param(rngs, (cfg.embed_dim, cfg.vocab_size),
                            ("embed", "vocab"), cfg.weight_dtype, cfg.init_std)
+    # PEFT: the method's config, LoRA on the head, virtual tokens, prefixes.
+    self.peft = None if peft is None else peft.decoder(self, rngs)
 
   def __call__(self, tokens: jax.Array | None,
                positions: jax.Array | None = None,
@@ -96,6 +115,8 @@ class Decoder(nnx.Module):
     """The output projection [D, V] in the compute dtype (the training loss
     applies it itself, a chunk at a time: `losses.head_cross_entropy`)."""
     w = self.embed.table[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+    if self.peft is not None:  # LoRA on the head, merged: W + scale * A B
+      w = self.peft.head_weight(w)
     return w.astype(self.cfg.compute_dtype)
 
   def embed_tokens(self, tokens: jax.Array) -> jax.Array:
@@ -141,6 +162,10 @@ class Decoder(nnx.Module):
                           k_prefix)
     bias = (alibi_bias(positions, k_positions, cfg.num_heads)
             if cfg.position == "alibi" else None)
+    peft_inputs = None
+    if self.peft is not None:  # keys and values before every sequence, ...
+      mask, bias, peft_inputs = self.peft.layer_inputs(self, positions,
+                                                       segment_ids, mask, bias)
 
     x = self.embed(tokens) if embeddings is None else embeddings.astype(
         cfg.compute_dtype)
@@ -149,16 +174,16 @@ class Decoder(nnx.Module):
     cache_index = None if cache is None else cache.index
 
     def layer(x, scanned):
-      state, layer_cache = scanned
+      state, layer_cache, layer_peft = scanned
       block = nnx.merge(graphdef, state)
       return block(x, positions, segment_ids, mask, bias, layer_cache,
-                   cache_index, has_prefix)
+                   cache_index, has_prefix, layer_peft)
 
     use_remat, policy = remat_policy(cfg.remat)
     if use_remat:
       layer = jax.checkpoint(layer, policy=policy, prevent_cse=False)
     layer_caches = None if cache is None else (cache.k, cache.v)
-    x, new_kv = jax.lax.scan(layer, x, (block_state, layer_caches),
+    x, new_kv = jax.lax.scan(layer, x, (block_state, layer_caches, peft_inputs),
                              unroll=min(cfg.scan_unroll, cfg.num_layers))
 
     x = self.final_norm(x)

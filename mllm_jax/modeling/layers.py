@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +14,9 @@ from flax import nnx
 
 from mllm_jax.modeling.config import ModelConfig
 from mllm_jax.parallel.sharding import constrain
+
+if TYPE_CHECKING:
+  from mllm_jax.modeling.peft import Adapters, LayerInputs
 
 
 def param(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str | None],
@@ -118,7 +121,8 @@ swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 class MLP(nnx.Module):
   """SwiGLU: down(silu(gate(x)) * up(x)), no biases."""
 
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs,
+               peft: Adapters | None = None):
     d, h, dt = cfg.embed_dim, cfg.hidden_dim, cfg.weight_dtype
     out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
     self.gate = param(rngs, (d, h), ("embed", "mlp"), dt, cfg.init_std)
@@ -126,10 +130,15 @@ class MLP(nnx.Module):
     self.down = param(rngs, (h, d), ("mlp", "embed"), dt, out_std)
     self.dtype = cfg.compute_dtype
     self.custom_vjp = cfg.custom_vjp
+    # PEFT (modeling/peft.py): LoRA on gate/up/down, or None.
+    self.peft = None if peft is None else peft.mlp(self, rngs)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array,
+               peft_inputs: LayerInputs | None = None) -> jax.Array:
     weights = [w[...].astype(self.dtype) for w in (self.gate, self.up,
                                                    self.down)]
+    if self.peft is not None:  # LoRA updates, autodiff's backward
+      return self.peft.swiglu(x, *weights, peft_inputs)
     if self.custom_vjp:
       return swiglu(x, *weights)
     return _swiglu_fwd(x, *weights)[0]  # Autodiff's backward.
@@ -139,16 +148,22 @@ class Embed(nnx.Module):
   """Token embedding. With tied embeddings its table is also the output
   projection (`Decoder.head_weight`)."""
 
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs,
+               peft: Adapters | None = None):
     self.table = param(rngs, (cfg.vocab_size, cfg.embed_dim),
                        ("vocab", "embed"), cfg.weight_dtype, cfg.init_std)
     self.dtype = cfg.compute_dtype
+    # PEFT (modeling/peft.py): LoRA on the embedding, or None.
+    self.peft = None if peft is None else peft.embed(self, rngs)
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
     # Look up in a whole (replicated) table, cast first to halve the gather:
     # a batch-sharded lookup cannot be partitioned over a sharded table.
     table = constrain(self.table[...].astype(self.dtype), (None, None))
-    return jnp.take(table, tokens, axis=0)
+    x = jnp.take(table, tokens, axis=0)
+    if self.peft is not None:  # + scale * A[tokens] B
+      x = self.peft(tokens, x)
+    return x
 
 
 # ----------------------------------------------------------------------------

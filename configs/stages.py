@@ -10,6 +10,7 @@ import dataclasses
 
 import ml_collections
 
+from mllm_jax.modeling.peft_config import PeftConfig
 from mllm_jax.parallel.config import ParallelConfig
 from mllm_jax.train.config import OptimizerConfig, TrainConfig
 
@@ -31,6 +32,10 @@ def finetune_config(*, tiny: bool, steps: int, batch_size: int, seq_len: int,
       attention_backend="cpu_fused" if tiny else "xla",
       custom_vjp=tiny, remat="none", scan_unroll=1, loss_chunk_len=0,
       dtype=""))
+  # Parameter-efficient fine-tuning: method "none" trains every parameter
+  # (or those train.trainable selects); "lora", "prompt", "prefix",
+  # "ptuning", "adapter" train only their own parameters.
+  config.peft = _dataclass_config(PeftConfig())
   config.parallel = _dataclass_config(ParallelConfig(data=-1))
   config.seq_len = seq_len
   config.optimizer = _dataclass_config(OptimizerConfig(

@@ -30,14 +30,16 @@ from mllm_jax.data import flan
 from mllm_jax.data.tokenizer import load_tokenizer
 from mllm_jax.eval.scoring import Scorer
 from mllm_jax.generate.sampler import Sampler
+from mllm_jax.modeling.peft import peft_task
+from mllm_jax.modeling.peft_config import PeftConfig
 from mllm_jax.parallel.config import ParallelConfig
 from mllm_jax.parallel.mesh import initialize_distributed
 from mllm_jax.runtime import keep_freed_memory
 from mllm_jax.train.compile import check_layout
 from mllm_jax.train.config import OptimizerConfig, TrainConfig
-from mllm_jax.train.finetune import base_model_config, save_with_tokenizer
+from mllm_jax.train.finetune import (base_model_config, load_result,
+                                     save_result)
 from mllm_jax.train.metrics import console
-from mllm_jax.train.task import language_model_task
 from mllm_jax.train.trainer import train
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -51,12 +53,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 HELD_IN = ("boolq", "piqa", "arc_easy", "sst2", "copa")
 
 
-def zero_shot(checkpoint: str, flan_cfg: flan.FlanConfig, held_in: list[str],
-              limit: int, max_new_tokens: int) -> dict:
-  """{"held_in": {task: metrics}, "held_out": {...}} of one checkpoint:
-  option log-likelihood accuracy, and greedy answers' well-formedness."""
-  tokenizer = load_tokenizer(checkpoint)
-  _, model = native.load_model(checkpoint)
+def zero_shot(model, tokenizer, flan_cfg: flan.FlanConfig,
+              held_in: list[str], limit: int, max_new_tokens: int) -> dict:
+  """{"held_in": {task: metrics}, "held_out": {...}} of one model: option
+  log-likelihood accuracy, and greedy answers' well-formedness."""
   scorer = Scorer(model)
   sampler = Sampler(model, tokenizer=tokenizer, pad_id=tokenizer.pad_id)
   families = tuple(sorted({flan.TASKS[t].family for t in held_in}))
@@ -97,9 +97,11 @@ def main(argv):
     check(tokenizer.vocab_size <= model_cfg.vocab_size, "init_checkpoint",
           f"the tokenizer has {tokenizer.vocab_size} ids, the model "
           f"{model_cfg.vocab_size}")
-    task = language_model_task(model_cfg, trainable=train_cfg.trainable,
-                               init_checkpoint=config.init_checkpoint,
-                               name="flan")
+    peft_cfg = from_config(PeftConfig, config.peft, "peft")
+    peft_cfg.check_model(model_cfg)
+    task = peft_task(model_cfg, peft_cfg, trainable=train_cfg.trainable,
+                     init_checkpoint=config.init_checkpoint, name="flan",
+                     seed=config.seed)
     train_iter = flan.make_flan_iterator(
         flan_cfg, tokenizer, seq_len=config.seq_len,
         global_batch_size=train_cfg.batch_size)
@@ -112,8 +114,9 @@ def main(argv):
   # ------------------------------------------------------------------ before
   before_file = os.path.join(workdir, "before.json")
   if not os.path.exists(before_file):
-    before = zero_shot(config.init_checkpoint, flan_cfg, held_in,
-                       config.eval.limit, config.eval.max_new_tokens)
+    before = zero_shot(native.load_model(config.init_checkpoint)[1],
+                       tokenizer, flan_cfg, held_in, config.eval.limit,
+                       config.eval.max_new_tokens)
     if jax.process_index() == 0:
       with open(before_file, "w") as f:
         json.dump(before, f, indent=2)
@@ -122,15 +125,16 @@ def main(argv):
   # ------------------------------------------------------------------ train
   last, model = train(task, parallel, optimizer_cfg, train_cfg, config.seed,
                       workdir, train_iter)
-  model_dir = os.path.join(workdir, "model")
-  save_with_tokenizer(model_dir, model_cfg, model, config.init_checkpoint)
+  save_result(workdir, model, config.init_checkpoint)
   del model
 
   # ------------------------------------------------------------------ after
-  after = zero_shot(model_dir, flan_cfg, held_in, config.eval.limit,
+  after = zero_shot(load_result(workdir, config.init_checkpoint)[1],
+                    tokenizer, flan_cfg, held_in, config.eval.limit,
                     config.eval.max_new_tokens)
   if jax.process_index() == 0:
-    summary = {"base": config.init_checkpoint, "final_loss": last.get("loss"),
+    summary = {"base": config.init_checkpoint, "peft": peft_cfg.method,
+               "final_loss": last.get("loss"),
                "before": before, "after": after,
                "packing_efficiency": getattr(train_iter, "efficiency", None)}
     with open(os.path.join(workdir, "summary.json"), "w") as f:

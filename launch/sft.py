@@ -35,15 +35,16 @@ from mllm_jax.data.packing import PackedExampleIterator
 from mllm_jax.data.tokenizer import load_tokenizer
 from mllm_jax.eval import runner
 from mllm_jax.generate.sampler import Sampler
+from mllm_jax.modeling.peft import peft_task
+from mllm_jax.modeling.peft_config import PeftConfig
 from mllm_jax.parallel.config import ParallelConfig
 from mllm_jax.parallel.mesh import initialize_distributed
 from mllm_jax.runtime import keep_freed_memory
 from mllm_jax.train.compile import check_layout
 from mllm_jax.train.config import OptimizerConfig, TrainConfig
 from mllm_jax.train.finetune import (base_model_config, heldout_loss,
-                                     save_with_tokenizer)
+                                     load_result, save_result)
 from mllm_jax.train.metrics import console
-from mllm_jax.train.task import language_model_task
 from mllm_jax.train.trainer import train
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -109,12 +110,10 @@ def end_of_turn(fmt, tokenizer) -> tuple[list[int], list[str]]:
   return [tokenizer.eos_id], [text]
 
 
-def chat_eval(checkpoint: str, fmt, conversations, batches, limit: int,
+def chat_eval(model, tokenizer, fmt, conversations, batches, limit: int,
               max_new_tokens: int, benchmarks: list[str]) -> dict:
   """Held-out response loss, end-of-turn rate on held-out prompts, and
-  zero-shot benchmark accuracy of one checkpoint."""
-  tokenizer = load_tokenizer(checkpoint)
-  _, model = native.load_model(checkpoint)
+  zero-shot benchmark accuracy of one model."""
   out = {"response_loss": heldout_loss(model, batches)}
   prompts = [chat.encode_prompt(chat.Conversation(
       c.id, c.turns[:-1], c.system), tokenizer, fmt).tolist()
@@ -174,9 +173,11 @@ def main(argv):
         data.eval_files or paths.alpaca_eval_json(), data.eval_schema,
         data.eval_conversations, tokenizer, fmt, max_len, data.overflow,
         "eval")
-    task = language_model_task(model_cfg, trainable=train_cfg.trainable,
-                               init_checkpoint=config.init_checkpoint,
-                               name="sft")
+    peft_cfg = from_config(PeftConfig, config.peft, "peft")
+    peft_cfg.check_model(model_cfg)
+    task = peft_task(model_cfg, peft_cfg, trainable=train_cfg.trainable,
+                     init_checkpoint=config.init_checkpoint, name="sft",
+                     seed=config.seed)
   except (ConfigError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
   train_iter = PackedExampleIterator(
@@ -186,14 +187,14 @@ def main(argv):
       shuffle=True, repeat=True, seed=data.seed, window=data.pack_window)
   held_out = eval_batches(eval_examples, config.seq_len, train_cfg.batch_size)
   os.makedirs(workdir, exist_ok=True)
-  evaluate = lambda checkpoint: chat_eval(
-      checkpoint, fmt, eval_convs, held_out, config.eval.limit,
+  evaluate = lambda model: chat_eval(
+      model, tokenizer, fmt, eval_convs, held_out, config.eval.limit,
       config.eval.max_new_tokens, list(config.eval.benchmarks))
 
   # ------------------------------------------------------------------ before
   before_file = os.path.join(workdir, "before.json")
   if not os.path.exists(before_file):
-    before = evaluate(config.init_checkpoint)
+    before = evaluate(native.load_model(config.init_checkpoint)[1])
     if jax.process_index() == 0:
       with open(before_file, "w") as f:
         json.dump(before, f, indent=2)
@@ -202,14 +203,14 @@ def main(argv):
   # ------------------------------------------------------------------ train
   last, model = train(task, parallel, optimizer_cfg, train_cfg, config.seed,
                       workdir, train_iter, held_out)
-  model_dir = os.path.join(workdir, "model")
-  save_with_tokenizer(model_dir, model_cfg, model, config.init_checkpoint)
+  save_result(workdir, model, config.init_checkpoint)
   del model
 
   # ------------------------------------------------------------------ after
-  after = evaluate(model_dir)
+  after = evaluate(load_result(workdir, config.init_checkpoint)[1])
   if jax.process_index() == 0:
     summary = {"base": config.init_checkpoint, "format": fmt.name,
+               "peft": peft_cfg.method,
                "train_data": train_stats, "eval_data": eval_stats,
                "train_conversations": len(train_examples),
                "packing_efficiency": train_iter.efficiency,

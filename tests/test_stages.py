@@ -104,3 +104,23 @@ def test_sft_counts_bad_conversations_and_refuses_bad_config(tmp_path, base):
     _, err = proc.communicate(timeout=300)
     assert proc.returncode != 0 and message in err, err[-2000:]
   assert alpaca_eval_json()  # the default held-out set is fetched
+
+
+def test_sft_with_lora_writes_the_adapter_and_the_merged_model(tmp_path, base):
+  out = finish(start("sft", tmp_path / "lora", base,
+                     "--config.peft.method=lora", "--config.train.steps=3",
+                     "--config.peft.targets=('q','v','down')"), timeout=600)
+  assert "trained" in out
+  run = tmp_path / "lora"
+  assert (run / "adapter" / "peft_config.json").exists()
+  assert (run / "model" / native.CONFIG_FILE).exists()
+  summary = json.load(open(run / "summary.json"))
+  assert summary["peft"] == "lora"
+  # Only the adapter trained: the merged model differs from the base only
+  # in the adapted projections.
+  _, merged = native.load_params(str(run / "model"))
+  _, original = native.load_params(str(base))
+  flat_m, flat_o = native.flatten(merged), native.flatten(original)
+  changed = {".".join(k) for k in flat_o
+             if not (flat_m[k] == flat_o[k]).all()}
+  assert changed == {"blocks.attn.q", "blocks.attn.v", "blocks.mlp.down"}

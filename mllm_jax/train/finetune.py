@@ -64,3 +64,37 @@ def heldout_loss(model, batches) -> float:
     total += float(sums["loss"])
     weight += float(sums["weight"])
   return total / max(weight, 1.0)
+
+
+def save_result(workdir: str, model, tokenizer_dir: str) -> None:
+  """A stage's trained model, written so that generate / evaluate / the next
+  stage can read it: full fine-tuning -> WORKDIR/model; a PEFT method ->
+  the adapter alone in WORKDIR/adapter (native adapter checkpoint), plus,
+  for LoRA, the merged weights as a plain WORKDIR/model."""
+  # pylint: disable=g-import-not-at-top
+  from mllm_jax.convert import peft as peft_io
+  from mllm_jax.modeling import peft
+  # pylint: enable=g-import-not-at-top
+  method = peft.peft_config(model).method
+  if method == "none":
+    save_with_tokenizer(os.path.join(workdir, "model"), model.cfg, model,
+                        tokenizer_dir)
+    return
+  peft_io.save_adapter(os.path.join(workdir, "adapter"), model,
+                       overwrite=True)
+  if method == "lora":
+    merged = peft.merge_lora(model)
+    save_with_tokenizer(os.path.join(workdir, "model"), merged.cfg, merged,
+                        tokenizer_dir)
+
+
+def load_result(workdir: str, base_checkpoint: str, **overrides):
+  """(cfg, model) of what `save_result` wrote: the plain model when there is
+  one, else the base with its adapter."""
+  from mllm_jax.convert import peft as peft_io  # pylint: disable=g-import-not-at-top
+  model_dir = os.path.join(workdir, "model")
+  if os.path.exists(os.path.join(model_dir, native.CONFIG_FILE)):
+    return native.load_model(model_dir, **overrides)
+  return peft_io.load_peft_model(base_checkpoint,
+                                 os.path.join(workdir, "adapter"),
+                                 **overrides)

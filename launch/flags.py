@@ -65,3 +65,15 @@ def mesh_from_flag(holder: flags.FlagHolder):
   from mllm_jax.parallel import mesh  # pylint: disable=g-import-not-at-top
   cfg = mesh.parse_mesh(holder.value)
   return mesh.make_mesh(cfg)
+
+
+def start_process() -> None:
+  """What every training binary does first: quiet library logs, join the
+  other hosts (jax.distributed), and on CPU keep freed memory mapped."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from mllm_jax.parallel.mesh import initialize_distributed  # pylint: disable=g-import-not-at-top
+  from mllm_jax.runtime import keep_freed_memory  # pylint: disable=g-import-not-at-top
+  quiet_library_logs()
+  initialize_distributed()
+  if jax.default_backend() == "cpu":
+    keep_freed_memory()

@@ -23,22 +23,14 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from launch.flags import quiet_library_logs
+from launch.flags import start_process
 from mllm_jax.configlib import ConfigError, check, from_config
 from mllm_jax.convert import native
 from mllm_jax.data import flan
-from mllm_jax.data.tokenizer import load_tokenizer
 from mllm_jax.eval.scoring import Scorer
 from mllm_jax.generate.sampler import Sampler
 from mllm_jax.modeling.peft import peft_task
-from mllm_jax.modeling.peft_config import PeftConfig
-from mllm_jax.parallel.config import ParallelConfig
-from mllm_jax.parallel.mesh import initialize_distributed
-from mllm_jax.runtime import keep_freed_memory
-from mllm_jax.train.compile import check_layout
-from mllm_jax.train.config import OptimizerConfig, TrainConfig
-from mllm_jax.train.finetune import (base_model_config, load_result,
-                                     save_result)
+from mllm_jax.train.finetune import load_result, save_result, stage_configs
 from mllm_jax.train.metrics import console
 from mllm_jax.train.trainer import train
 
@@ -71,34 +63,17 @@ def zero_shot(model, tokenizer, flan_cfg: flan.FlanConfig,
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  quiet_library_logs()
-  initialize_distributed()
-  if jax.default_backend() == "cpu":
-    keep_freed_memory()
+  start_process()
   config, workdir = _CONFIG.value, _WORKDIR.value
 
   # ------------------------------------------------------------------ configs
   try:
-    model_cfg = base_model_config(config.init_checkpoint,
-                                  config.run.to_dict())
-    parallel = from_config(ParallelConfig, config.parallel, "parallel")
-    optimizer_cfg = from_config(OptimizerConfig, config.optimizer, "optimizer")
-    train_cfg = from_config(TrainConfig, config.train, "train")
+    model_cfg, parallel, optimizer_cfg, train_cfg, peft_cfg, tokenizer = (
+        stage_configs(config))
     flan_cfg = from_config(flan.FlanConfig, config.flan, "flan")
-    model_cfg.check_seq_len(config.seq_len, "seq_len")
-    model_cfg.check_platform()
-    optimizer_cfg.check_platform()
-    check_layout(model_cfg, parallel, train_cfg.batch_size,
-                 train_cfg.grad_accum_steps, jax.device_count())
     held_in = [t for t in HELD_IN if t in flan.training_tasks(flan_cfg)]
     check(bool(held_in) or not flan.training_tasks(flan_cfg), "flan.tasks",
           f"none of the held-in evaluation tasks {HELD_IN} is trained")
-    tokenizer = load_tokenizer(config.init_checkpoint)
-    check(tokenizer.vocab_size <= model_cfg.vocab_size, "init_checkpoint",
-          f"the tokenizer has {tokenizer.vocab_size} ids, the model "
-          f"{model_cfg.vocab_size}")
-    peft_cfg = from_config(PeftConfig, config.peft, "peft")
-    peft_cfg.check_model(model_cfg)
     task = peft_task(model_cfg, peft_cfg, trainable=train_cfg.trainable,
                      init_checkpoint=config.init_checkpoint, name="flan",
                      seed=config.seed)

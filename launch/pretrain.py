@@ -23,6 +23,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from launch.flags import start_process
 from mllm_jax.configlib import ConfigError, check, from_config
 from mllm_jax.convert.native import read_config, save_model
 from mllm_jax.data import shards
@@ -30,14 +31,11 @@ from mllm_jax.data.config import DataConfig
 from mllm_jax.data.pipeline import (check_data, make_eval_batches,
                                     make_pretrain_iterator)
 from mllm_jax.data.samples import prepare_shakespeare
-from launch.flags import quiet_library_logs
-from mllm_jax.runtime import keep_freed_memory
 from mllm_jax.modeling import ModelConfig
 from mllm_jax.parallel.config import ParallelConfig
-from mllm_jax.parallel.mesh import initialize_distributed
 from mllm_jax.train.metrics import console
 from mllm_jax.train.config import OptimizerConfig, TrainConfig
-from mllm_jax.train.compile import check_layout
+from mllm_jax.train.compile import check_run
 from mllm_jax.train.task import language_model_task
 from mllm_jax.train.trainer import train
 
@@ -87,10 +85,7 @@ def unigram_baseline(data: DataConfig, eval_batches) -> float:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  quiet_library_logs()
-  initialize_distributed()
-  if jax.default_backend() == "cpu":
-    keep_freed_memory()
+  start_process()
   config, workdir = _CONFIG.value, _WORKDIR.value
   try:
     model_cfg = from_config(ModelConfig, config.model, "model")
@@ -103,11 +98,7 @@ def main(argv):
           f"{data_cfg.tokenizer} has {data_info['vocab_size']} tokens but "
           f"model.vocab_size is {model_cfg.vocab_size}; ids would index past "
           f"the embedding")
-    model_cfg.check_seq_len(data_cfg.seq_len)
-    model_cfg.check_platform()
-    optimizer_cfg.check_platform()
-    check_layout(model_cfg, parallel, train_cfg.batch_size,
-                 train_cfg.grad_accum_steps, jax.device_count())
+    check_run(model_cfg, parallel, optimizer_cfg, train_cfg, data_cfg.seq_len)
     if config.init_checkpoint:
       init_vocab = read_config(config.init_checkpoint).vocab_size
       check(init_vocab == model_cfg.vocab_size, "init_checkpoint",

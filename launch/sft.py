@@ -25,25 +25,18 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from launch.flags import quiet_library_logs
+from launch.flags import start_process
 from mllm_jax import paths
 from mllm_jax.configlib import ConfigError, check, from_config
 from mllm_jax.convert import native
 from mllm_jax.data import chat
 from mllm_jax.data.config import ChatDataConfig
 from mllm_jax.data.packing import PackedExampleIterator
-from mllm_jax.data.tokenizer import load_tokenizer
 from mllm_jax.eval import runner
 from mllm_jax.generate.sampler import Sampler
 from mllm_jax.modeling.peft import peft_task
-from mllm_jax.modeling.peft_config import PeftConfig
-from mllm_jax.parallel.config import ParallelConfig
-from mllm_jax.parallel.mesh import initialize_distributed
-from mllm_jax.runtime import keep_freed_memory
-from mllm_jax.train.compile import check_layout
-from mllm_jax.train.config import OptimizerConfig, TrainConfig
-from mllm_jax.train.finetune import (base_model_config, heldout_loss,
-                                     load_result, save_result)
+from mllm_jax.train.finetune import (heldout_loss, load_result, save_result,
+                                     stage_configs)
 from mllm_jax.train.metrics import console
 from mllm_jax.train.trainer import train
 
@@ -138,26 +131,14 @@ def chat_eval(model, tokenizer, fmt, conversations, batches, limit: int,
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  quiet_library_logs()
-  initialize_distributed()
-  if jax.default_backend() == "cpu":
-    keep_freed_memory()
+  start_process()
   config, workdir = _CONFIG.value, _WORKDIR.value
 
   # ------------------------------------------------------------------ configs
   try:
-    model_cfg = base_model_config(config.init_checkpoint,
-                                  config.run.to_dict())
-    parallel = from_config(ParallelConfig, config.parallel, "parallel")
-    optimizer_cfg = from_config(OptimizerConfig, config.optimizer, "optimizer")
-    train_cfg = from_config(TrainConfig, config.train, "train")
+    model_cfg, parallel, optimizer_cfg, train_cfg, peft_cfg, tokenizer = (
+        stage_configs(config))
     data = from_config(ChatDataConfig, config.data, "data")
-    model_cfg.check_seq_len(config.seq_len, "seq_len")
-    model_cfg.check_platform()
-    optimizer_cfg.check_platform()
-    check_layout(model_cfg, parallel, train_cfg.batch_size,
-                 train_cfg.grad_accum_steps, jax.device_count())
-    tokenizer = load_tokenizer(config.init_checkpoint)
     try:
       fmt = chat.get_format(data.format, tokenizer)
     except (ValueError, FileNotFoundError) as e:
@@ -173,8 +154,6 @@ def main(argv):
         data.eval_files or paths.alpaca_eval_json(), data.eval_schema,
         data.eval_conversations, tokenizer, fmt, max_len, data.overflow,
         "eval")
-    peft_cfg = from_config(PeftConfig, config.peft, "peft")
-    peft_cfg.check_model(model_cfg)
     task = peft_task(model_cfg, peft_cfg, trainable=train_cfg.trainable,
                      init_checkpoint=config.init_checkpoint, name="sft",
                      seed=config.seed)

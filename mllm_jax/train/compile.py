@@ -48,6 +48,18 @@ def check_layout(model_cfg: ModelConfig, parallel: ParallelConfig,
         f"data-parallel size {shards}")
 
 
+def check_run(model_cfg: ModelConfig, parallel: ParallelConfig,
+              optimizer_cfg: OptimizerConfig, train_cfg: TrainConfig,
+              seq_len: int, seq_len_field: str = "data.seq_len") -> None:
+  """Every check a training binary makes before compiling: sequence length,
+  kernels available on this platform, heads and batches divide the mesh."""
+  model_cfg.check_seq_len(seq_len, seq_len_field)
+  model_cfg.check_platform()
+  optimizer_cfg.check_platform()
+  check_layout(model_cfg, parallel, train_cfg.batch_size,
+               train_cfg.grad_accum_steps, jax.device_count())
+
+
 def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
   return NamedSharding(mesh, logical_to_spec(("act_batch",), rules, mesh))
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import jax
 
@@ -37,6 +37,43 @@ def base_model_config(init_checkpoint: str, run: Mapping[str, Any],
                       f"architecture comes from {init_checkpoint}")
   overrides = {k: v for k, v in run.items() if k != "dtype" or v}
   return native.read_config(init_checkpoint, **overrides)
+
+
+class StageConfigs(NamedTuple):
+  model: ModelConfig
+  parallel: Any
+  optimizer: Any
+  train: Any
+  peft: Any
+  tokenizer: Any
+
+
+def stage_configs(config) -> StageConfigs:
+  """The typed, checked configs of a stage that starts from
+  `config.init_checkpoint` (configs/stages.py's layout), and the base's
+  tokenizer. Raises ConfigError / FileNotFoundError naming the field."""
+  # pylint: disable=g-import-not-at-top
+  from mllm_jax.configlib import check, from_config
+  from mllm_jax.data.tokenizer import load_tokenizer
+  from mllm_jax.modeling.peft_config import PeftConfig
+  from mllm_jax.parallel.config import ParallelConfig
+  from mllm_jax.train.compile import check_run
+  from mllm_jax.train.config import OptimizerConfig, TrainConfig
+  # pylint: enable=g-import-not-at-top
+  model_cfg = base_model_config(config.init_checkpoint, config.run.to_dict())
+  parallel = from_config(ParallelConfig, config.parallel, "parallel")
+  optimizer_cfg = from_config(OptimizerConfig, config.optimizer, "optimizer")
+  train_cfg = from_config(TrainConfig, config.train, "train")
+  peft_cfg = from_config(PeftConfig, config.peft, "peft")
+  peft_cfg.check_model(model_cfg)
+  check_run(model_cfg, parallel, optimizer_cfg, train_cfg, config.seq_len,
+            "seq_len")
+  tokenizer = load_tokenizer(config.init_checkpoint)
+  check(tokenizer.vocab_size <= model_cfg.vocab_size, "init_checkpoint",
+        f"the tokenizer has {tokenizer.vocab_size} ids, the model "
+        f"{model_cfg.vocab_size}")
+  return StageConfigs(model_cfg, parallel, optimizer_cfg, train_cfg,
+                      peft_cfg, tokenizer)
 
 
 def save_with_tokenizer(model_dir: str, cfg: ModelConfig, model,

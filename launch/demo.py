@@ -40,6 +40,31 @@ def run(stage: str, args: list[str], capture: bool = False) -> str:
   return result.stdout or ""
 
 
+def loss_plot(stage_dir: str, title: str) -> str:
+  """WORKDIR/<stage>/loss.png from the run's metrics.jsonl: training loss
+  and, where the run evaluated, held-out loss; returns a report line."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  records = [json.loads(line) for line in open(
+      os.path.join(stage_dir, "metrics.jsonl")) if line.strip()]
+  fig, ax = plt.subplots(figsize=(6, 3.5))
+  for key, label in (("loss", "training loss"), ("eval_loss", "held-out")):
+    points = [(r["step"], r[key]) for r in records if key in r]
+    if points:
+      ax.plot(*zip(*points), marker="o" if key == "eval_loss" else None,
+              label=label)
+  ax.set_xlabel("step")
+  ax.set_ylabel("nats / token")
+  ax.set_title(title)
+  ax.legend()
+  fig.tight_layout()
+  path = os.path.join(stage_dir, "loss.png")
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return f"- loss curve: `{path}`"
+
+
 def clean_web(workdir: str) -> list[str]:
   """WARC -> clean, deduplicated text (the RefinedWeb recipe), on real pages:
   LibreOffice help in five languages, Python docs and pywb's iana.org crawl."""
@@ -130,7 +155,8 @@ def pretrain(workdir: str) -> list[str]:
       f"(perplexity {summary['eval_perplexity']:.1f}) vs the unigram "
       f"baseline {summary['unigram_loss']:.3f} "
       f"(perplexity {summary['unigram_perplexity']:.1f})",
-      f"- model: `{out}/model`; metrics: `{out}/metrics.jsonl`", ""]
+      f"- model: `{out}/model`; metrics: `{out}/metrics.jsonl`",
+      loss_plot(out, "pretraining"), ""]
   if summary["eval_loss"] >= summary["unigram_loss"]:
     raise SystemExit("pretraining did not beat the unigram baseline")
   return lines
@@ -206,7 +232,8 @@ def flan_stage(workdir: str) -> list[str]:
            f"{next(iter(summary['after']['held_in'].values()))['num_examples']}"
            f" examples; `acc` ranks the options by log-likelihood, "
            f"`well-formed` is the share of greedy answers that are one of "
-           f"the options", "", "Held-in tasks:", ""]
+           f"the options", loss_plot(out, "FLAN (loss on targets)"), "",
+           "Held-in tasks:", ""]
   lines += _score_table(summary["before"]["held_in"],
                         summary["after"]["held_in"], chance)
   lines += ["", "Held-out families (never trained on):", ""]
@@ -229,9 +256,9 @@ def sft_stage(workdir: str) -> list[str]:
            f"- {s['train_conversations']:,} ShareGPT conversations in the "
            f"`{s['format']}` format (dropped: "
            f"{s['train_data']['dropped'] or 'none'}; "
-           f"{s['train_data']['notes'].get('truncated', 0)} truncated to the "
-           f"256-token rows), packed at {s['packing_efficiency']:.1%} real "
-           f"tokens per row",
+           f"{s['train_data']['notes'].get('cut_to_leading_rounds', 0)} cut "
+           f"to the leading rounds that fit a 256-token row), packed at "
+           f"{s['packing_efficiency']:.1%} real tokens per row",
            f"- held-out response loss on {s['eval_data']['notes'].get('encoded', 0)} "
            f"alpaca-eval instructions (reference answers): "
            f"**{b['response_loss']:.3f} -> {a['response_loss']:.3f}** nats/token",
@@ -243,7 +270,8 @@ def sft_stage(workdir: str) -> list[str]:
            "- zero-shot benchmarks before -> after (they should not "
            "collapse): " + ", ".join(
                f"{k} {b['benchmarks'][k]:.3f} -> {a['benchmarks'][k]:.3f}"
-               for k in a["benchmarks"]), ""]
+               for k in a["benchmarks"]),
+           loss_plot(out, "SFT (loss on assistant turns)"), ""]
   return lines
 
 

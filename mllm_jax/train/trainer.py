@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import signal
 import time
-from typing import Any, Iterator, Protocol
+from typing import Any, Protocol
 
 import jax
 import numpy as np
@@ -111,8 +111,10 @@ def train(task: TrainTask, parallel: ParallelConfig,
   trained = sum(x.size for x in jax.tree.leaves(program.state["params"]))
   held = sum(x.size for x in jax.tree.leaves(program.frozen))
   console(f"{task.name}: {trained + held:,} parameters, {trained:,} "
-          f"trained; mesh {dict(mesh.shape)}; peak {peak:.3g} FLOP/s per "
-          f"device ({peak_source})")
+          f"trained; starting weights from "
+          f"{task.weights_source or f'the seed ({seed})'}; mesh "
+          f"{dict(mesh.shape)}; peak {peak:.3g} FLOP/s per device "
+          f"({peak_source})")
 
   def evaluate() -> dict[str, float]:
     totals: dict[str, float] = {}

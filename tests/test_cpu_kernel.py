@@ -98,6 +98,7 @@ def test_missing_compiler_names_the_backend_and_the_fix(monkeypatch):
 
 
 def test_mismatched_shapes_are_refused_by_the_kernel():
+  cpu_attention.load()  # registered here, whichever test ran before
   q, k, v, mask, _ = inputs(b=1, t=16, h=2, kv=1, d=16)
   bias = attention_bias(mask)
   with pytest.raises(Exception, match="bias must be"):

@@ -1236,6 +1236,10 @@ def generate(method: str, teacher: Teacher, output: str,
   os.makedirs(directory, exist_ok=True)
   ckpt = _Checkpoint(output, stats_path, config, teacher, digest, progress)
   ckpt.load()
+  if not os.path.exists(stats_path):
+    # The first checkpoint (no rounds, no records) before any record is
+    # written, so a kill during round 1 resumes like any other.
+    ckpt.write_stats(False)
   target = config.num_instructions
   if len(ckpt.records) >= target:
     progress(f"{output} already holds {len(ckpt.records)} records "

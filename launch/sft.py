@@ -21,7 +21,6 @@ import os
 import sys
 
 import jax
-import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -32,6 +31,7 @@ from mllm_jax.convert import native
 from mllm_jax.data import chat
 from mllm_jax.data.config import ChatDataConfig
 from mllm_jax.data.packing import PackedExampleIterator
+from mllm_jax.eval import chat_eval as chat_eval_lib
 from mllm_jax.eval import runner
 from mllm_jax.generate.sampler import Sampler
 from mllm_jax.modeling.peft import peft_task
@@ -92,36 +92,22 @@ def eval_batches(examples, seq_len: int, batch_size: int) -> list[dict]:
   return list(it)
 
 
-def end_of_turn(fmt, tokenizer) -> tuple[list[int], list[str]]:
-  """(stop tokens, stop strings) that end an assistant turn in `fmt`."""
-  text = getattr(fmt, "end_of_turn", None)
-  if text is None:  # a template format: its end-of-turn token(s)
-    return list(getattr(tokenizer, "end_of_turn_ids", ())) or [
-        tokenizer.eos_id], []
-  if text == chat.EOS:
-    return [tokenizer.eos_id], []
-  return [tokenizer.eos_id], [text]
-
-
 def chat_eval(model, tokenizer, fmt, conversations, batches, limit: int,
               max_new_tokens: int, benchmarks: list[str]) -> dict:
-  """Held-out response loss, end-of-turn rate on held-out prompts, and
-  zero-shot benchmark accuracy of one model."""
+  """Held-out response loss, end-of-turn rate on held-out prompts (the
+  format's own end of turn, as `launch.evaluate`'s chat tasks count it),
+  and zero-shot benchmark accuracy of one model."""
   out = {"response_loss": heldout_loss(model, batches)}
   prompts = [chat.encode_prompt(chat.Conversation(
       c.id, c.turns[:-1], c.system), tokenizer, fmt).tolist()
              for c in conversations[:limit]]
-  stop_tokens, stop_strings = end_of_turn(fmt, tokenizer)
-  sampler = Sampler(model, tokenizer=tokenizer, pad_id=tokenizer.pad_id)
-  generation = sampler.generate(prompts, max_new_tokens,
-                                stop_tokens=stop_tokens,
-                                stop_strings=stop_strings)
-  ended = [r in ("stop_token", "stop_string")
-           for r in generation.stop_reasons]
-  out.update(end_of_turn_rate=float(np.mean(ended)), prompts=len(prompts),
-             mean_reply_tokens=float(np.mean([len(t) for t in
-                                              generation.tokens])),
-             example_reply=generation.texts[0])
+  sampler = Sampler(model, tokenizer=tokenizer,
+                    pad_id=max(tokenizer.pad_id, 0), prompt_multiple=64)
+  replies = chat_eval_lib.reply_to_prompts(
+      sampler, tokenizer, chat_eval_lib.end_of_turn(fmt, tokenizer), prompts,
+      max_new_tokens)
+  out.update(chat_eval_lib.reply_metrics(replies), prompts=len(prompts),
+             example_reply=replies[0].text[:500])
   if benchmarks:
     results = runner.evaluate(model, tokenizer, benchmarks, 0, limit)
     out["benchmarks"] = {name: results[name]["acc"] for name in benchmarks}

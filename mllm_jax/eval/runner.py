@@ -3,7 +3,11 @@
 Task names: the multiple-choice tasks in tasks.TASKS, `mmlu` (all 57
 subjects, 5-shot from dev by default, macro-averaged), and the generative
 `nq_open`, `triviaqa`, `gsm8k` (8-shot CoT), `math` (MATH-500, 0-shot),
-`humaneval` and `mbpp` (pass@1, greedy, sandboxed).
+`humaneval` and `mbpp` (pass@1, greedy, sandboxed); the chat tasks
+`alpaca_eval` and `mt_bench` (chat_eval.py: response loss against reference
+answers, end-of-turn rate, reply length, in a chat format) and
+`bbh_cot_loo` (bbh.py: leave-one-out over the official BBH chain-of-thought
+exemplars, a smoke check, not BBH accuracy).
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from mllm_jax.eval import bbh
+from mllm_jax.eval import chat_eval
 from mllm_jax.eval import generative as gen
 from mllm_jax.eval import tasks
 from mllm_jax.eval.sandbox import run_program
@@ -23,8 +29,10 @@ from mllm_jax.generate.sampler import Sampler
 from mllm_jax.generate.sampling import SamplingParams
 
 GENERATIVE = ("nq_open", "triviaqa", "gsm8k", "math", "humaneval", "mbpp")
+CHAT = chat_eval.TASKS  # alpaca_eval, mt_bench
+BBH = ("bbh_cot_loo",)
 KNOWN = tuple(n for n in tasks.TASKS if not n.startswith("mmlu_")) + (
-    "mmlu",) + GENERATIVE
+    "mmlu",) + GENERATIVE + CHAT + BBH
 
 
 def check_task_names(names: Sequence[str]) -> list[str]:
@@ -116,17 +124,38 @@ def _generative(sampler, tokenizer, name, k, limit, code_samples: int = 1,
 def evaluate(model, tokenizer, names: Sequence[str], num_fewshot: int | None,
              limit: int | None = None, seed: int = 1234,
              batch_size: int = 16, mesh=None, rules=None,
-             code_samples: int = 1) -> dict[str, Any]:
+             code_samples: int = 1, chat_format: str | None = None,
+             max_new_tokens: int | None = None) -> dict[str, Any]:
   """{task: {metric: value, ...}}; num_fewshot None = each task's default
-  (MMLU 5, GSM8K 8, others 0); code_samples > 1 samples that many programs
-  per HumanEval/MBPP problem and reports pass@1/10/100 (k <= samples)."""
+  (MMLU 5, GSM8K 8, bbh_cot_loo 2, others 0; the chat tasks ignore it);
+  code_samples > 1 samples that many programs per HumanEval/MBPP problem
+  and reports pass@1/10/100 (k <= samples). chat_format: the chat tasks'
+  format (a registered name or "hf_template"; None: the tokenizer's own
+  template if it has one, else vicuna_v1). max_new_tokens: the generation
+  budget of the chat tasks and bbh_cot_loo (None: 512 each); the other
+  tasks keep their fixed budgets."""
   check_task_names(names)
   scorer = Scorer(model, batch_size=batch_size, mesh=mesh, rules=rules)
   sampler = Sampler(model, tokenizer=tokenizer, mesh=mesh, rules=rules,
                     pad_id=tokenizer.pad_id)
+  # Batched greedy generation for the chat and BBH tasks: prompt widths
+  # rounded to 64 so that few shapes compile.
+  batch_sampler = Sampler(model, tokenizer=tokenizer, mesh=mesh, rules=rules,
+                          pad_id=max(tokenizer.pad_id, 0), prompt_multiple=64)
   results: dict[str, Any] = {}
   for name in names:
-    if name in GENERATIVE:
+    if name in CHAT:
+      results[name] = chat_eval.evaluate(
+          name, scorer, batch_sampler, tokenizer, chat_format, limit,
+          max_new_tokens, batch_size)
+    elif name in BBH:
+      stops = [tokenizer.eos_id] if tokenizer.eos_id >= 0 else []
+      generate = lambda prompts: [c.text for c in chat_eval.generate_batched(
+          batch_sampler, tokenizer, prompts,
+          max_new_tokens or bbh.MAX_NEW_TOKENS, batch_size, stops,
+          bbh.STOP_STRINGS)]
+      results[name] = bbh.evaluate(generate, num_fewshot, limit)
+    elif name in GENERATIVE:
       results[name] = _generative(sampler, tokenizer, name, num_fewshot,
                                   limit, code_samples, seed)
     elif name == "mmlu":

@@ -142,12 +142,14 @@ def train(task: TrainTask, parallel: ParallelConfig,
       mininterval=10, disable=jax.process_index() != 0) as bar:
     while step < train_cfg.steps:
       host_batch = next(train_iter)
-      seq_len = seq_len or host_batch["inputs"].shape[1]
+      seq_len = seq_len or host_batch["inputs"].shape[-1]
       state, metrics = program.step(state, frozen, global_batch(
           host_batch, program.batch_sharding, train_cfg.batch_size, fields))
       step += 1
       bar.update(1)
-      window_tokens += train_cfg.batch_size * seq_len
+      # Every token slot of the global batch ([batch, length], or [batch,
+      # responses, length] for comparison stages).
+      window_tokens += host_batch["inputs"].size * jax.process_count()
 
       if step % train_cfg.log_every == 0 or step == train_cfg.steps:
         metrics, counters = jax.device_get((metrics, {

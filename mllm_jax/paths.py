@@ -72,3 +72,15 @@ def bbh_prompt_dir() -> str:
   tasks (<task>.txt), fetched by `scripts/fetch_data.py --only bbh-prompts`
   from the opencompass wheel (no BBH test sets)."""
   return data_path(*BBH_PROMPTS)
+
+
+BFCL = ("bfcl-eval", "bfcl_eval", "data")
+
+
+def bfcl_file(name: str, answers: bool = False) -> str:
+  """A BFCL v4 question file (`BFCL_v4_<name>.json`, JSONL with the
+  functions' JSON-schema docs) or, with `answers`, its possible answers;
+  `simple_python` and `multiple` are fetched by `scripts/fetch_data.py
+  --only bfcl-eval` from the bfcl-eval wheel: function-call comparisons."""
+  parts = ("possible_answer",) if answers else ()
+  return data_path(*BFCL, *parts, f"BFCL_v4_{name}.json")

@@ -152,6 +152,19 @@ SOURCES = {
                     ("opencompass==0.5.4", True,
                      ["opencompass/configs/datasets/bbh/lib_prompt/",
                       "opencompass-0.5.4.dist-info/licenses/LICENSE"])),
+    # Function-calling questions with JSON-schema function docs and their
+    # possible answers (BFCL v4 simple_python 400, multiple 200), from the
+    # bfcl-eval 2026.3.23 wheel (Apache-2.0, stated in its METADATA; the
+    # wheel has no licence file), read as data, never imported:
+    # mllm_jax/data/comparison_sources.py builds correct-vs-perturbed call
+    # pairs.
+    "bfcl-eval": (fetch_pip_source,
+                  ("bfcl-eval==2026.3.23", True,
+                   ["bfcl_eval/data/BFCL_v4_simple_python.json",
+                    "bfcl_eval/data/BFCL_v4_multiple.json",
+                    "bfcl_eval/data/possible_answer/BFCL_v4_simple_python.json",
+                    "bfcl_eval/data/possible_answer/BFCL_v4_multiple.json",
+                    "bfcl_eval-2026.3.23.dist-info/METADATA"])),
 }
 
 

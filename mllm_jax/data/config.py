@@ -134,3 +134,40 @@ class ChatDataConfig:
     for name in ("max_conversations", "eval_conversations"):
       check(getattr(self, name) >= 0, f"{prefix}.{name}", "must be >= 0")
     check(self.pack_window >= 1, f"{prefix}.pack_window", "must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class ComparisonDataConfig:
+  """Comparison data of the alignment stages (mllm_jax.data.comparisons).
+
+  train_files / eval_files: comparison JSONL (globs, comma-separated), e.g.
+  launch.build_comparisons' DIR/train.jsonl and DIR/eval.jsonl. Empty
+  train_files: built here from `sources` (comparison_sources.SOURCES; not
+  human preferences) with `limit_per_source` records each, split by prompt
+  with `eval_fraction` held out. max_responses: K, the rows each comparison
+  takes in a batch (comparisons with more responses are dropped, counted).
+  max_comparisons / eval_comparisons: the first N kept (0: all).
+  """
+  train_files: str = ""
+  eval_files: str = ""
+  sources: tuple[str, ...] = ("arc_easy", "gsm8k", "bfcl_simple")
+  limit_per_source: int = 0
+  eval_fraction: float = 0.1
+  format: str = "vicuna_v1"
+  max_responses: int = 3
+  max_comparisons: int = 0
+  eval_comparisons: int = 200
+  seed: int = 0
+
+  def validate(self, prefix: str = "data") -> None:
+    check(bool(self.format), f"{prefix}.format", "is empty")
+    check(bool(self.train_files) or bool(self.sources), f"{prefix}.sources",
+          "is empty and no train_files are given")
+    check(not self.eval_files or bool(self.train_files), f"{prefix}.eval_files",
+          "given without train_files (built sources are split by prompt)")
+    check(0.0 <= self.eval_fraction < 1.0, f"{prefix}.eval_fraction",
+          f"must be in [0, 1), got {self.eval_fraction}")
+    check(self.max_responses >= 2, f"{prefix}.max_responses",
+          f"must be >= 2, got {self.max_responses}")
+    for name in ("limit_per_source", "max_comparisons", "eval_comparisons"):
+      check(getattr(self, name) >= 0, f"{prefix}.{name}", "must be >= 0")

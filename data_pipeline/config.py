@@ -51,6 +51,26 @@ class ExtractConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class BoundsConfig:
+  """Work per document: pages past these are dropped (or, for depth,
+  extracted as plain text) with a counted reason, so one hostile page
+  cannot stall a worker."""
+  max_html_bytes: int = 8 << 20
+  max_depth: int = 512  # Element nesting; main-content extraction is
+  # quadratic in it.
+  time_budget_s: float = 30.0  # Per document through the chain; checked
+  # after each stage (a stage in C cannot be interrupted without killing it).
+
+  def validate(self, prefix: str) -> None:
+    check(self.max_html_bytes >= 1024, f"{prefix}.max_html_bytes",
+          f"got {self.max_html_bytes!r}; expected >= 1024")
+    check(self.max_depth >= 16, f"{prefix}.max_depth",
+          f"got {self.max_depth!r}; expected >= 16")
+    check(self.time_budget_s > 0, f"{prefix}.time_budget_s",
+          f"got {self.time_budget_s!r}; expected > 0 seconds")
+
+
+@dataclasses.dataclass(frozen=True)
 class LangIDConfig:
   enabled: bool = True
   threshold: float = 0.65
@@ -85,6 +105,58 @@ class LinesConfig:
 
   def validate(self, prefix: str) -> None:
     _check_frac(self.max_removed_word_frac, f"{prefix}.max_removed_word_frac")
+
+
+@dataclasses.dataclass(frozen=True)
+class LanguageRules:
+  """One language's thresholds in word units (data_pipeline.words); None
+  keeps the recipe's (English) value. Set for languages whose words are not
+  whitespace-separated or are much shorter or longer than English's."""
+  min_words: int | None = None  # Gopher; also exact dedup's minimum after.
+  max_words: int | None = None
+  min_mean_word_len: float | None = None
+  max_mean_word_len: float | None = None
+  stop_words: tuple[str, ...] | None = None  # Gopher: >= 2 must occur.
+  min_words_per_line: int | None = None  # C4.
+  short_line_length: int | None = None  # FineWeb, characters.
+  # Units per English word: Gopher's repetition n-grams are this much longer.
+  ngram_scale: float | None = None
+
+  def validate(self, prefix: str) -> None:
+    for name in ("min_words", "max_words", "min_words_per_line",
+                 "short_line_length"):
+      value = getattr(self, name)
+      check(value is None or (isinstance(value, int) and value >= 0),
+            f"{prefix}.{name}", f"got {value!r}; expected an int >= 0")
+    lo, hi = self.min_mean_word_len, self.max_mean_word_len
+    check(lo is None or hi is None or 0 <= lo <= hi,
+          f"{prefix}.min_mean_word_len",
+          f"got {lo!r}..{hi!r}; expected 0 <= min <= max")
+    check(self.ngram_scale is None or 0.25 <= self.ngram_scale <= 4,
+          f"{prefix}.ngram_scale",
+          f"got {self.ngram_scale!r}; expected 0.25..4 units per word")
+
+  def overrides(self, mapping: dict[str, str]) -> dict[str, object]:
+    """{filter attribute: value} for the fields set and named in mapping."""
+    out = {}
+    for field, attr in mapping.items():
+      value = getattr(self, field)
+      if value is not None:
+        out[attr] = frozenset(value) if field == "stop_words" else value
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class LanguageRulesConfig:
+  """Per-language thresholds (docs/data_pipeline.md says where each comes
+  from); languages not listed use the recipe's values."""
+  zh: LanguageRules = LanguageRules()
+  ja: LanguageRules = LanguageRules()
+  ko: LanguageRules = LanguageRules()
+
+  def by_language(self) -> dict[str, LanguageRules]:
+    return {f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,6 +260,8 @@ class CleanConfig:
   exact: ExactConfig = ExactConfig()
   export: ExportConfig = ExportConfig()
   mix: MixConfig = MixConfig()
+  language_rules: LanguageRulesConfig = LanguageRulesConfig()
+  bounds: BoundsConfig = BoundsConfig()
 
   def validate(self, prefix: str) -> None:
     check_choice(self.runner, ("local", "beam"), f"{prefix}.runner")

@@ -39,6 +39,7 @@ from data_pipeline.minhash import (MinHashParams, minhash_duplicates,
 from data_pipeline.report import write_report
 from data_pipeline.url_dedup import LatestPerURL
 from data_pipeline.warc import STAGE as READ_STAGE, read_warc
+from data_pipeline import words as word_units
 
 CORPUS_DIR = "corpus"  # OUT/corpus/<language>/<language>-0000k-of-0000n.jsonl
 MIXED_DIR = "mixed"
@@ -138,11 +139,20 @@ def minhash_keep_mask(texts: Iterator[str], cfg: CleanConfig, work: str
   return roots == np.arange(len(roots))
 
 
+def min_words_after(cfg: CleanConfig, lang: str) -> int:
+  """Exact dedup's minimum in word units: the language's Gopher minimum
+  (``language_rules.<lang>.min_words``) where one is set."""
+  rules = cfg.language_rules.by_language().get(lang)
+  if rules is not None and rules.min_words is not None:
+    return rules.min_words
+  return cfg.exact.min_words_after
+
+
 def exact_dedup(docs: Sequence[Document], cfg: CleanConfig,
                 funnel: Funnel) -> list[Document]:
   """Removes spans repeated within ``docs``; drops docs that lost spans and
-  fell below ``exact.min_words_after`` words (a doc untouched here is never
-  dropped)."""
+  fell below the language's minimum (``min_words_after``, in
+  ``data_pipeline.words`` units; a doc untouched here is never dropped)."""
   stats = funnel.stage("exact")
   spans = duplicate_spans([d.text for d in docs], cfg.exact.min_bytes)
   out = []
@@ -150,7 +160,7 @@ def exact_dedup(docs: Sequence[Document], cfg: CleanConfig,
     stats.record_in(doc.nbytes())
     if doc_spans:
       text = remove_spans(doc.text, doc_spans)
-      if len(text.split()) < cfg.exact.min_words_after:
+      if word_units.count(text) < min_words_after(cfg, language(doc)):
         stats.record_drop("too_short_after_dedup", doc.nbytes())
         funnel.sample_drop("exact", "too_short_after_dedup", doc)
         continue

@@ -4,13 +4,16 @@ A per-document stage is a pure function ``Document -> Document | Drop``. Runners
 only schedule stages; this module owns the bookkeeping, so that for every stage
 ``docs_in == docs_out + sum(dropped)`` holds by construction (a stage that
 raises is counted as a drop with reason ``error:<ExceptionName>``, never a
-crash and never a silent loss).
+crash and never a silent loss). A stage that keeps a document but had to
+degrade its work (e.g. plain-text extraction of a page nested too deep) marks
+it with ``fallback(doc, reason)``; the stage counts it under ``fallbacks``.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import time
 from typing import Any, Callable, Iterable, Iterator, Union
 
 
@@ -49,13 +52,30 @@ class Drop:
 
 
 StageFn = Callable[[Document], Union[Document, Drop]]
+_FALLBACK = "_fallback"  # Transient metadata key, popped by apply_stage.
+TIME_BUDGET = "time_budget"
+
+
+def fallback(doc: Document, reason: str) -> Document:
+  """Marks ``doc`` as kept by a degraded path; the stage counts ``reason``
+  and ``metadata['fallback']`` keeps it in the output."""
+  doc.metadata[_FALLBACK] = reason
+  doc.metadata.setdefault("fallback", reason)
+  return doc
 
 
 @dataclasses.dataclass
 class Stage:
-  """A named per-document function (the name keys the funnel report)."""
+  """A named per-document function (the name keys the funnel report).
+
+  ``budget_s``: CPU seconds a document may have spent in the chain when it
+  leaves this stage; past that it is dropped here as ``time_budget``. The
+  check runs between stages, so it bounds the rest of the chain, not a stage
+  already running (extraction bounds its own input: ``extract.Extractor``).
+  """
   name: str
   fn: StageFn
+  budget_s: float | None = None
 
   def __call__(self, doc: Document) -> Document | Drop:
     return self.fn(doc)
@@ -72,6 +92,8 @@ class StageStats:
   dropped: collections.Counter = dataclasses.field(
       default_factory=collections.Counter)
   dropped_bytes: collections.Counter = dataclasses.field(
+      default_factory=collections.Counter)
+  fallbacks: collections.Counter = dataclasses.field(
       default_factory=collections.Counter)
 
   def record_in(self, nbytes: int) -> None:
@@ -100,13 +122,15 @@ class StageStats:
     self.bytes_out += other.bytes_out
     self.dropped.update(other.dropped)
     self.dropped_bytes.update(other.dropped_bytes)
+    self.fallbacks.update(other.fallbacks)
 
   def to_json(self) -> dict[str, Any]:
     return {"name": self.name, "docs_in": self.docs_in,
             "docs_out": self.docs_out, "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
             "dropped": dict(sorted(self.dropped.items())),
-            "dropped_bytes": dict(sorted(self.dropped_bytes.items()))}
+            "dropped_bytes": dict(sorted(self.dropped_bytes.items())),
+            "fallbacks": dict(sorted(self.fallbacks.items()))}
 
   @classmethod
   def from_json(cls, row: dict[str, Any]) -> "StageStats":
@@ -114,15 +138,21 @@ class StageStats:
                docs_out=row["docs_out"], bytes_in=row["bytes_in"],
                bytes_out=row["bytes_out"],
                dropped=collections.Counter(row["dropped"]),
-               dropped_bytes=collections.Counter(row["dropped_bytes"]))
+               dropped_bytes=collections.Counter(row["dropped_bytes"]),
+               fallbacks=collections.Counter(row.get("fallbacks", {})))
 
 
 class Funnel:
-  """Ordered per-stage stats plus a small sample of dropped docs per reason."""
+  """Ordered per-stage stats, a small sample of dropped docs per reason, and
+  the input spans readers skipped (file, byte offset, length, reason; the
+  first ``MAX_LOST_SPANS``, the counts are in the stages)."""
+
+  MAX_LOST_SPANS = 1000
 
   def __init__(self, names: Iterable[str] = (), samples_per_reason: int = 3):
     self.stages: dict[str, StageStats] = {}
     self.samples: dict[str, list[dict[str, Any]]] = {}
+    self.lost_spans: list[dict[str, Any]] = []
     self.samples_per_reason = samples_per_reason
     for name in names:
       self.stage(name)
@@ -143,9 +173,17 @@ class Funnel:
         body = doc.text or (doc.html or "")
         bucket.append({"id": doc.id, "url": doc.url, "text": body[:500]})
 
+  def lost_span(self, source: str, offset: int, length: int,
+                reason: str) -> None:
+    if len(self.lost_spans) < self.MAX_LOST_SPANS:
+      self.lost_spans.append({"file": source, "offset": offset,
+                              "length": length, "reason": reason})
+
   def merge(self, other: "Funnel") -> None:
     for name, stats in other.stages.items():
       self.stage(name).merge(stats)
+    room = self.MAX_LOST_SPANS - len(self.lost_spans)
+    self.lost_spans.extend(other.lost_spans[:max(0, room)])
     for key, rows in other.samples.items():
       bucket = self.samples.setdefault(key, [])
       bucket.extend(rows[:max(0, self.samples_per_reason - len(bucket))])
@@ -156,7 +194,8 @@ class Funnel:
 
   def to_json(self) -> dict[str, Any]:
     return {"stages": [s.to_json() for s in self.stages.values()],
-            "dropped_samples": dict(sorted(self.samples.items()))}
+            "dropped_samples": dict(sorted(self.samples.items())),
+            "lost_spans": list(self.lost_spans)}
 
   @classmethod
   def from_json(cls, row: dict[str, Any]) -> "Funnel":
@@ -164,21 +203,32 @@ class Funnel:
     for stage in row["stages"]:
       funnel.stages[stage["name"]] = StageStats.from_json(stage)
     funnel.samples = {k: list(v) for k, v in row["dropped_samples"].items()}
+    funnel.lost_spans = list(row.get("lost_spans", []))
     return funnel
 
 
-def apply_stage(stage: Stage, doc: Document, funnel: Funnel) -> Document | None:
-  """Runs one stage on one doc, counting it; returns None when dropped."""
+def apply_stage(stage: Stage, doc: Document, funnel: Funnel,
+                started: float | None = None) -> Document | None:
+  """Runs one stage on one doc, counting it; returns None when dropped.
+  ``started``: the doc's ``time.thread_time()`` on entering the chain, for
+  ``stage.budget_s``."""
   stats = funnel.stage(stage.name)
   stats.record_in(doc.nbytes())
   try:
     result = stage(doc)
   except Exception as e:  # A stage bug must not lose the shard; count it.
     result = Drop(f"error:{type(e).__name__}")
+  if (stage.budget_s is not None and started is not None
+      and not isinstance(result, Drop)
+      and time.thread_time() - started > stage.budget_s):
+    result = Drop(TIME_BUDGET)
   if isinstance(result, Drop):
     stats.record_drop(result.reason, doc.nbytes())
     funnel.sample_drop(stage.name, result.reason, doc)
     return None
+  reason = result.metadata.pop(_FALLBACK, None)
+  if reason is not None:
+    stats.fallbacks[reason] += 1
   stats.record_out(result.nbytes())
   return result
 
@@ -187,9 +237,11 @@ def apply_chain(stages: Iterable[Stage], docs: Iterable[Document],
                 funnel: Funnel) -> Iterator[Document]:
   """Streams docs through stages in order, yielding the survivors."""
   stages = list(stages)
+  timed = any(s.budget_s is not None for s in stages)
   for doc in docs:
+    started = time.thread_time() if timed else None
     for stage in stages:
-      doc = apply_stage(stage, doc, funnel)
+      doc = apply_stage(stage, doc, funnel, started)
       if doc is None:
         break
     else:

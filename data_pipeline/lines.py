@@ -3,7 +3,9 @@
 Drops lines that are mostly upper case, only numbers, counters ("3 likes"),
 single words, or short navigation/sign-in/"read more" lines; when those lines
 hold more than 5% of the document's words the whole document goes, since so
-much boilerplate means the extraction failed.
+much boilerplate means the extraction failed. Words are
+``data_pipeline.words`` units, so a Chinese or Japanese line is not one
+"single word" and its share of the document is counted in characters.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import re
 
 from data_pipeline.document import Document, Drop
+from data_pipeline import words as word_units
 
 _COUNTER = re.compile(
     r"^\s*[\d.,kKmM+]+\s+(likes?|comments?|shares?|views?|followers?|"
@@ -31,10 +34,12 @@ def line_drop_reason(line: str, max_nav_words: int = 10,
   stripped = line.strip()
   if not stripped:
     return None
-  words = stripped.split()
+  words = word_units.units(stripped)
   letters = [c for c in stripped if c.isalpha()]
   cased = [c for c in letters if c.isupper() or c.islower()]
-  if len(cased) >= 2 and sum(c.isupper() for c in cased) / len(cased) > upper_frac:
+  # Over all letters: a Chinese or Korean line quoting "UNO API" is not an
+  # upper-case line (its letters are uncased).
+  if len(cased) >= 2 and sum(c.isupper() for c in cased) / len(letters) > upper_frac:
     return "uppercase"
   if _NUMERIC.match(stripped):
     return "numeric"
@@ -58,7 +63,7 @@ class LineCorrections:
   def __call__(self, doc: Document) -> Document | Drop:
     kept, removed_words, total_words = [], 0, 0
     for line in doc.text.split("\n"):
-      n = len(line.split())
+      n = word_units.count(line)
       total_words += n
       if line_drop_reason(line, self.max_nav_words, self.upper_frac):
         removed_words += n

@@ -11,6 +11,7 @@ import json
 import os
 
 from data_pipeline.document import Funnel
+from data_pipeline.warc import STAGE
 
 
 def write_stats(funnel: Funnel, out_dir: str) -> str:
@@ -34,12 +35,44 @@ def write_markdown(funnel: Funnel, out_dir: str, title: str = "Corpus funnel") -
     lines.append(f"| {s.name} | {s.docs_in} | {s.docs_out} | "
                  f"{_pct(s.docs_in - s.docs_out, s.docs_in)} | {s.bytes_in} | "
                  f"{s.bytes_out} | {reasons} |")
+  lines += _lost_records(funnel) + _fallbacks(funnel)
   lines += ["", "Dropped samples per reason are in `stats.json` "
             "(`dropped_samples`).", ""]
   path = os.path.join(out_dir, "report.md")
   with open(path, "w", encoding="utf-8") as f:
     f.write("\n".join(lines))
   return path
+
+
+def _lost_records(funnel: Funnel) -> list[str]:
+  """Records the reader could not use, per reason (``skip:*`` are records
+  of other types, not losses), and where the skipped spans were."""
+  read = funnel.stages.get(STAGE)
+  if read is None:
+    return []
+  lost = [(r, n) for r, n in sorted(read.dropped.items())
+          if not r.startswith("skip:")]
+  if not lost:
+    return ["", "Records lost in reading: none."]
+  lines = ["", "## Records lost in reading", "",
+           "| reason | records | bytes |", "| --- | ---: | ---: |"]
+  lines += [f"| {r} | {n} | {read.dropped_bytes[r]} |" for r, n in lost]
+  if funnel.lost_spans:
+    lines += ["", "Skipped spans (file, byte offset, length, reason; the "
+              f"first {len(funnel.lost_spans)} are in `stats.json`):", ""]
+    lines += [f"- {s['file']} @ {s['offset']} +{s['length']}: {s['reason']}"
+              for s in funnel.lost_spans[:20]]
+  return lines
+
+
+def _fallbacks(funnel: Funnel) -> list[str]:
+  rows = [(s.name, r, n) for s in funnel.stages.values()
+          for r, n in sorted(s.fallbacks.items())]
+  if not rows:
+    return []
+  return (["", "## Kept through a fallback", "",
+           "| stage | reason | documents |", "| --- | --- | ---: |"]
+          + [f"| {name} | {r} | {n} |" for name, r, n in rows])
 
 
 def write_plot(funnel: Funnel, out_dir: str) -> str:

@@ -12,6 +12,9 @@ from data_pipeline.warc_write import write_pages
 from mllm_jax.paths import data_path
 
 LO_LANGS = {"en": "en-US", "de": "de", "fr": "fr", "es": "es", "ja": "ja"}
+# Languages fetched for the multilingual checks (Chinese and Korean too); the
+# demo's sample crawl keeps to LO_LANGS.
+LO_ALL_LANGS = dict(LO_LANGS, zh="zh-CN", ko="ko")
 
 
 def pywb_warcs() -> str:
@@ -21,7 +24,7 @@ def pywb_warcs() -> str:
 
 def libreoffice_pages(lang: str) -> list[str]:
   """Sorted HTML help pages of one language (same relative paths in all)."""
-  code = LO_LANGS[lang]
+  code = LO_ALL_LANGS[lang]
   root = data_path(f"libreoffice-help-{code.lower()}", "usr", "share",
                    "libreoffice", "help", code, "text")
   return sorted(glob.glob(os.path.join(root, "**", "*.html"), recursive=True))

@@ -1,6 +1,8 @@
 """Deterministic, vectorised word n-gram (shingle) hashes.
 
-Text is lower-cased, split into words at non-alphanumeric code points, and
+Text is lower-cased, split into words at non-alphanumeric code points (each
+Han/Kana character a word of its own, as ``data_pipeline.words`` counts them,
+so shingles of Chinese and Japanese are character n-grams), and
 every word is hashed from prefix sums of a polynomial over its code points, so
 no Python code runs per character, word or shingle. Hashes are stable across processes
 and machines (unlike ``hash()``), which fuzzy dedup across shards needs.
@@ -11,6 +13,8 @@ from __future__ import annotations
 import re
 
 import numpy as np
+
+from data_pipeline.words import CJK_TABLE, has_cjk, units
 
 _NON_WORD = re.compile(r"[\W_]+", re.UNICODE)
 _P = np.uint64(0x100000001B3)  # Odd, so it is invertible modulo 2**64.
@@ -30,7 +34,7 @@ def mix64(x: np.ndarray) -> np.ndarray:
 
 def normalise(text: str) -> str:
   """The word sequence word_hashes sees, as a string (for reading and tests)."""
-  return " ".join(_NON_WORD.sub(" ", text.lower()).split())
+  return " ".join(units(_NON_WORD.sub(" ", text.lower())))
 
 
 _WORD_CHAR = np.array([chr(c).isalnum() for c in range(0x10000)], bool)
@@ -79,7 +83,8 @@ def word_hashes(text: str) -> np.ndarray:
     cp = np.frombuffer(raw, np.uint8)
     return _run_hashes(cp, np.frombuffer(raw.translate(_ASCII_WORD), bool))[0]
   cp = np.frombuffer(low.encode("utf-32-le"), np.uint32)
-  return _run_hashes(cp, _WORD_TABLE[cp])[0]
+  single = CJK_TABLE[cp] if has_cjk(low) else None
+  return _run_hashes(cp, _WORD_TABLE[cp], single)[0]
 
 
 def token_hashes(words: list[str]) -> np.ndarray:
@@ -89,13 +94,24 @@ def token_hashes(words: list[str]) -> np.ndarray:
   return _run_hashes(cp, cp != 32)[0]
 
 
-def _run_hashes(cp: np.ndarray,
-                is_word: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """Hash and start offset of each maximal run of ``is_word`` code points."""
+def _run_hashes(cp: np.ndarray, is_word: np.ndarray,
+                single: np.ndarray | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
+  """Hash and start offset of each maximal run of ``is_word`` code points;
+  a code point marked in ``single`` (CJK) is a run of its own."""
   flags = np.zeros(len(cp) + 2, bool)
   flags[1:-1] = is_word
-  edges = np.flatnonzero(flags[1:] != flags[:-1])  # Start, end, start, ...
-  starts, ends = edges[0::2], edges[1::2]
+  if single is None or not single.any():
+    edges = np.flatnonzero(flags[1:] != flags[:-1])  # Start, end, start, ...
+    starts, ends = edges[0::2], edges[1::2]
+  else:
+    alone = np.zeros(len(cp) + 2, bool)
+    alone[1:-1] = single
+    # A run starts where a word code point follows a non-word one or where
+    # either side is a CJK character; ends mirror that.
+    word, cjk = flags[1:-1], alone[1:-1]
+    starts = np.flatnonzero(word & (~flags[:-2] | alone[:-2] | cjk))
+    ends = np.flatnonzero(word & (~flags[2:] | alone[2:] | cjk)) + 1
   if len(starts) == 0:
     return np.zeros(0, np.uint64), starts
   powers, inv = _powers(len(cp))

@@ -25,7 +25,12 @@ Override any config field as --config.<section>.<field>=VALUE:
   minhash.{enabled,preset (refinedweb|fineweb),buckets},
   exact.{enabled,min_bytes,min_words_after},
   export.{format (jsonl|parquet),docs_per_shard},
-  mix.{sources ('en=0.7,de=0.3'),total,max_epochs}.
+  mix.{sources ('en=0.7,de=0.3'),total,max_epochs},
+  bounds.{max_html_bytes,max_depth,time_budget_s} (work per document),
+  language_rules.{zh,ja,ko}.{min_words,max_words,min_mean_word_len,
+    max_mean_word_len,stop_words,min_words_per_line,short_line_length,
+    ngram_scale} (thresholds in word units: one per Chinese/Japanese
+    character).
 Fields are checked before any file is read (data_pipeline/config.py); an
 unknown field, an empty input glob or a bad threshold exits with status 2 and
 a message naming the field.

@@ -68,6 +68,30 @@ def get_config() -> ml_collections.ConfigDict:
   # repeats across groups are left (after MinHash has removed near-copies).
   c.exact.group_bytes = 1 << 28
 
+  # Per-language thresholds in word units (data_pipeline/words.py: one unit
+  # per Chinese/Japanese character). Counts scale the English values by the
+  # units per English word on the parallel LibreOffice help pages (zh 1.57,
+  # ja 1.90, ko 0.87; FineWeb-2 likewise derives each language's thresholds
+  # from its own statistics); docs/data_pipeline.md has the numbers.
+  c.language_rules = ml_collections.ConfigDict()
+  c.language_rules.zh = ml_collections.ConfigDict(dict(
+      min_words=80, min_mean_word_len=1.0, max_mean_word_len=10.0,
+      stop_words=("的", "了", "是", "在", "和", "有", "不", "这"),
+      min_words_per_line=8, short_line_length=13, ngram_scale=1.57))
+  c.language_rules.ja = ml_collections.ConfigDict(dict(
+      min_words=95, min_mean_word_len=1.0, max_mean_word_len=10.0,
+      stop_words=("の", "に", "は", "を", "が", "で", "て", "た"),
+      min_words_per_line=10, short_line_length=22, ngram_scale=1.9))
+  c.language_rules.ko = ml_collections.ConfigDict(dict(
+      min_words=44, min_mean_word_len=2.4, max_mean_word_len=10.0,
+      min_words_per_line=4, short_line_length=22, ngram_scale=0.87))
+
+  # Work per document (data_pipeline/extract.py, document.Stage.budget_s).
+  c.bounds = ml_collections.ConfigDict()
+  c.bounds.max_html_bytes = 8 << 20  # Larger pages: dropped, html_too_large.
+  c.bounds.max_depth = 512  # Deeper nesting: plain-text fallback, too_deep.
+  c.bounds.time_budget_s = 30.0  # CPU s per document; past it: time_budget.
+
   c.export = ml_collections.ConfigDict()
   c.export.format = "jsonl"  # or 'parquet'
   c.export.docs_per_shard = 10_000

@@ -25,7 +25,8 @@ from mllm_jax.data import chat
 from mllm_jax.eval import chat_eval, runner
 from mllm_jax.data.tokenizer import load_tokenizer
 from launch import flags as launch_flags
-from launch.flags import mesh_from_flag, quiet_library_logs, require_flags
+from launch.flags import (mesh_from_flag, quiet_library_logs, require_flags,
+                          vocab_mismatch)
 
 _CHECKPOINT, _TOKENIZER, _MESH = launch_flags.define_inference_flags()
 flags.adopt_module_key_flags(launch_flags)
@@ -67,6 +68,9 @@ def main(argv: list[str]) -> None:
   try:
     names = runner.check_task_names(_TASKS.value)
     tokenizer = load_tokenizer(_TOKENIZER.value or _CHECKPOINT.value)
+    mismatch = vocab_mismatch(tokenizer, _CHECKPOINT.value)
+    if mismatch:
+      sys.exit(f"evaluate: error: {mismatch}")
     chat_format = None
     if any(n in runner.CHAT for n in names):
       chat_format = chat.get_format(

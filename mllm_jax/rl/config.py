@@ -7,6 +7,8 @@ import dataclasses
 from mllm_jax.configlib import check
 
 VALUE_MODES = ("shared", "separate")
+LOSSES = ("sigmoid", "cdpo", "ipo")  # DPO losses
+REFERENCES = ("cached", "on_the_fly")  # where DPO's reference log-probs come from
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,3 +58,27 @@ class PPOConfig:
     check(self.ptx_batch_size >= 1, f"{prefix}.ptx_batch_size", "must be >= 1")
     check(self.value in VALUE_MODES, f"{prefix}.value",
           f"got {self.value!r}; choose one of {VALUE_MODES}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DPOConfig:
+  """configs/dpo.py's `dpo` section."""
+  beta: float = 0.1
+  loss: str = "sigmoid"
+  label_smoothing: float = 0.0  # cdpo's eps
+  reference: str = "cached"
+
+  def validate(self, prefix: str = "dpo") -> None:
+    check(self.beta > 0, f"{prefix}.beta", f"must be > 0, got {self.beta}")
+    check(self.loss in LOSSES, f"{prefix}.loss",
+          f"{self.loss!r}; choose one of {LOSSES}")
+    check(self.reference in REFERENCES, f"{prefix}.reference",
+          f"{self.reference!r}; choose one of {REFERENCES}")
+    if self.loss == "cdpo":
+      check(0 < self.label_smoothing < 0.5, f"{prefix}.label_smoothing",
+            f"conservative DPO needs 0 < eps < 0.5, got "
+            f"{self.label_smoothing}")
+    else:
+      check(self.label_smoothing == 0, f"{prefix}.label_smoothing",
+            f"only loss='cdpo' smooths labels (got {self.label_smoothing} "
+            f"with loss={self.loss!r})")

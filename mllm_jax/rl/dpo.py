@@ -41,42 +41,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mllm_jax.configlib import ConfigError, check
+from mllm_jax.configlib import ConfigError
 from mllm_jax.modeling import Decoder
 from mllm_jax.modeling.config import ModelConfig
 from mllm_jax.modeling.peft_config import PeftConfig
+from mllm_jax.rl.config import DPOConfig, LOSSES, REFERENCES
 from mllm_jax.rl.reward import GroupedBatches, group_batch, ranked_pairs
 from mllm_jax.train.losses import token_cross_entropy
 
-LOSSES = ("sigmoid", "cdpo", "ipo")
-REFERENCES = ("cached", "on_the_fly")
 DPO_BATCH = {"inputs": jnp.int32, "targets": jnp.int32,
              "loss_weights": jnp.float32, "segment_ids": jnp.int32,
              "positions": jnp.int32, "ranks": jnp.int32}
-
-
-@dataclasses.dataclass(frozen=True)
-class DPOConfig:
-  """configs/dpo.py's `dpo` section."""
-  beta: float = 0.1
-  loss: str = "sigmoid"
-  label_smoothing: float = 0.0  # cdpo's eps
-  reference: str = "cached"
-
-  def validate(self, prefix: str = "dpo") -> None:
-    check(self.beta > 0, f"{prefix}.beta", f"must be > 0, got {self.beta}")
-    check(self.loss in LOSSES, f"{prefix}.loss",
-          f"{self.loss!r}; choose one of {LOSSES}")
-    check(self.reference in REFERENCES, f"{prefix}.reference",
-          f"{self.reference!r}; choose one of {REFERENCES}")
-    if self.loss == "cdpo":
-      check(0 < self.label_smoothing < 0.5, f"{prefix}.label_smoothing",
-            f"conservative DPO needs 0 < eps < 0.5, got "
-            f"{self.label_smoothing}")
-    else:
-      check(self.label_smoothing == 0, f"{prefix}.label_smoothing",
-            f"only loss='cdpo' smooths labels (got {self.label_smoothing} "
-            f"with loss={self.loss!r})")
 
 
 # ----------------------------------------------------------------------------

@@ -62,8 +62,10 @@ class LineCorrections:
 
   def __call__(self, doc: Document) -> Document | Drop:
     kept, removed_words, total_words = [], 0, 0
+    count = (word_units.count if word_units.has_cjk(doc.text)
+             else lambda line: len(line.split()))
     for line in doc.text.split("\n"):
-      n = word_units.count(line)
+      n = count(line)
       total_words += n
       if line_drop_reason(line, self.max_nav_words, self.upper_frac):
         removed_words += n

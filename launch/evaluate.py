@@ -28,7 +28,8 @@ from launch import flags as launch_flags
 from launch.flags import (mesh_from_flag, quiet_library_logs, require_flags,
                           vocab_mismatch)
 
-_CHECKPOINT, _TOKENIZER, _MESH = launch_flags.define_inference_flags()
+(_CHECKPOINT, _TOKENIZER, _MESH,
+ _VOCAB_PADDING) = launch_flags.define_inference_flags()
 flags.adopt_module_key_flags(launch_flags)
 _TASKS = flags.DEFINE_list("tasks", None, "Comma-separated task names.")
 _NUM_FEWSHOT = flags.DEFINE_integer(
@@ -68,7 +69,8 @@ def main(argv: list[str]) -> None:
   try:
     names = runner.check_task_names(_TASKS.value)
     tokenizer = load_tokenizer(_TOKENIZER.value or _CHECKPOINT.value)
-    mismatch = vocab_mismatch(tokenizer, _CHECKPOINT.value)
+    mismatch = vocab_mismatch(tokenizer, _CHECKPOINT.value,
+                              _VOCAB_PADDING.value)
     if mismatch:
       sys.exit(f"evaluate: error: {mismatch}")
     chat_format = None

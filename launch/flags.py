@@ -42,9 +42,10 @@ def define_text_flags() -> tuple[flags.FlagHolder, ...]:
 
 
 def define_inference_flags() -> tuple[flags.FlagHolder, ...]:
-  """--checkpoint, --tokenizer and --mesh of the binaries that load a native
-  checkpoint to run it (generate, evaluate); adopt them as in
-  define_text_flags. The mesh is read with mesh_from_flag."""
+  """--checkpoint, --tokenizer, --mesh and --allow_vocab_padding of the
+  binaries that load a native checkpoint to run it (generate, evaluate);
+  adopt them as in define_text_flags. The mesh is read with mesh_from_flag,
+  the last one passed to vocab_mismatch."""
   return (
       flags.DEFINE_string("checkpoint", None, "Native checkpoint directory."),
       flags.DEFINE_string(
@@ -55,25 +56,40 @@ def define_inference_flags() -> tuple[flags.FlagHolder, ...]:
           "tensor=2' (axes data, stage, fsdp, sequence, tensor; unnamed axes "
           "are 1; one may be -1 for the remaining devices). Parameters are "
           "sharded by the default rules and batches split over data x fsdp. "
-          "Empty: one device."))
+          "Empty: one device."),
+      flags.DEFINE_bool(
+          "allow_vocab_padding", False, "Run a model whose vocabulary is "
+          "larger than the tokenizer's because it was padded (e.g. "
+          "train_tokenizer --pad_vocab_multiple, or HF models padded to a "
+          "multiple of 64); a sampled padding id prints as U+FFFD."))
 
 
-def vocab_mismatch(tokenizer, checkpoint: str) -> str | None:
+def vocab_mismatch(tokenizer, checkpoint: str,
+                   allow_padding: bool = False) -> str | None:
   """Why ``tokenizer`` cannot drive the checkpoint's model, or None.
 
   Checked before the weights load: a tokenizer larger than the model feeds
-  it ids it has no embedding for; a model larger than the tokenizer samples
-  ids the tokenizer cannot decode (and was trained with another tokenizer).
+  it ids it has no embedding for (always refused); a model larger than the
+  tokenizer samples ids the tokenizer cannot decode and was usually trained
+  with another tokenizer (refused unless ``allow_padding`` says the extra
+  rows are padding; then only logged).
   """
   from mllm_jax.convert import native  # pylint: disable=g-import-not-at-top
   model_size = native.read_config(checkpoint).vocab_size
   if tokenizer.vocab_size == model_size:
     return None
-  larger = "tokenizer" if tokenizer.vocab_size > model_size else "model"
-  return (f"vocabulary mismatch: the tokenizer {tokenizer.path} has "
-          f"{tokenizer.vocab_size} ids but the model in {checkpoint} has "
-          f"vocab_size {model_size} (the {larger} is larger); give the "
-          "--tokenizer the model was trained with")
+  sizes = (f"the tokenizer {tokenizer.path} has {tokenizer.vocab_size} ids "
+           f"but the model in {checkpoint} has vocab_size {model_size}")
+  if tokenizer.vocab_size > model_size:
+    return (f"vocabulary mismatch: {sizes} (the tokenizer is larger); give "
+            "the --tokenizer the model was trained with")
+  if allow_padding:
+    logging.warning("%s: ids past the tokenizer's are padding "
+                    "(--allow_vocab_padding)", sizes)
+    return None
+  return (f"vocabulary mismatch: {sizes} (the model is larger); give the "
+          "--tokenizer the model was trained with, or --allow_vocab_padding "
+          "if the extra rows are padding")
 
 
 def mesh_from_flag(holder: flags.FlagHolder):

@@ -36,7 +36,8 @@ from launch import flags as launch_flags
 from launch.flags import (mesh_from_flag, quiet_library_logs, require_flags,
                           vocab_mismatch)
 
-_CHECKPOINT, _TOKENIZER, _MESH = launch_flags.define_inference_flags()
+(_CHECKPOINT, _TOKENIZER, _MESH,
+ _VOCAB_PADDING) = launch_flags.define_inference_flags()
 flags.adopt_module_key_flags(launch_flags)
 _PROMPT = flags.DEFINE_multi_string("prompt", [],
                                     "Prompt(s); repeat for a batch.")
@@ -156,7 +157,8 @@ def main(argv: list[str]) -> None:
     sampling = check_sampling_flags(_TEMPERATURE.value, _TOP_K.value,
                                     _TOP_P.value)
     tokenizer = load_tokenizer(_TOKENIZER.value or _CHECKPOINT.value)
-    mismatch = vocab_mismatch(tokenizer, _CHECKPOINT.value)
+    mismatch = vocab_mismatch(tokenizer, _CHECKPOINT.value,
+                              _VOCAB_PADDING.value)
     if mismatch:
       sys.exit(f"generate: error: {mismatch}")
     overrides = {"dtype": _DTYPE.value} if _DTYPE.value else {}

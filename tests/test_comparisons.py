@@ -170,6 +170,12 @@ def test_encoding_trains_only_the_last_response(sp):
   stats = chat.ChatStats()
   assert cmp.encode_comparison(c, sp, fmt, 6, stats=stats) is None
   assert stats.summary()["dropped"] == {"response_too_long": 1}
+  # Texts that differ only in characters this vocabulary lacks (both become
+  # <unk>) are the same tokens: nothing to learn, dropped and counted.
+  twins = cmp.parse_comparison(record(responses=["Snow \u2603", "Snow \u2602"]))
+  assert twins.k == 2
+  assert cmp.encode_comparison(twins, sp, fmt, None, stats=stats) is None
+  assert stats.summary()["dropped"]["equal_after_encoding"] == 1
   # The reward model's end-of-context token: appended, never trained.
   eoc = cmp.encode_comparison(c, sp, fmt, None, end_of_context_id=7)
   assert eoc[0]["ids"][-1] == 7 and eoc[0]["weights"][-1] == 0

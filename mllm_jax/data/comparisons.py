@@ -109,18 +109,9 @@ class Comparison:
   def conversation(self, response: int | str | None) -> chat.Conversation:
     """The prompt as a Conversation, answered by response `response` (an
     index or a text) or, with None, left ending in the user's turn."""
-    system = None
-    turns = []
-    for role, content in self.prompt:
-      if role == chat.SYSTEM:
-        system = content
-      else:
-        turns.append(chat.Turn(role, content))
-    if response is not None:
-      text = self.responses[response] if isinstance(response, int) else (
-          response)
-      turns.append(chat.Turn(chat.ASSISTANT, text))
-    return chat.Conversation(self.id, tuple(turns), system)
+    text = self.responses[response] if isinstance(response, int) else (
+        response)
+    return prompt_conversation(self.prompt, self.id, text)
 
   def to_json(self) -> dict[str, Any]:
     record = {"id": self.id,
@@ -131,6 +122,22 @@ class Comparison:
     if self.margin is not None:
       record["margin"] = self.margin
     return record
+
+
+def prompt_conversation(prompt: Sequence[tuple[str, str]], conv_id: str,
+                        response: str | None = None) -> chat.Conversation:
+  """(role, content) prompt pairs as a Conversation, answered by `response`
+  or, with None, left ending in the user's turn."""
+  system = None
+  turns = []
+  for role, content in prompt:
+    if role == chat.SYSTEM:
+      system = content
+    else:
+      turns.append(chat.Turn(role, content))
+  if response is not None:
+    turns.append(chat.Turn(chat.ASSISTANT, response))
+  return chat.Conversation(conv_id, tuple(turns), system)
 
 
 def synthetic_origin(how: str) -> str:
@@ -144,7 +151,10 @@ def synthetic_origin(how: str) -> str:
 # ----------------------------------------------------------------------------
 
 
-def _prompt(value: Any) -> tuple[tuple[str, str], ...]:
+def parse_prompt(value: Any) -> tuple[tuple[str, str], ...]:
+  """A prompt (a string, or messages ending with the user's) as (role,
+  content) pairs; raises ComparisonError naming the problem. PPO reads its
+  prompts through this too."""
   if isinstance(value, str):
     value = [{"role": chat.USER, "content": value}]
   if not isinstance(value, list) or not value:
@@ -190,7 +200,7 @@ def parse_comparison(record: Any, default_id: str = "") -> Comparison:
   for key in ("prompt", "responses", "ranking", "source", "origin"):
     if key not in record:
       raise ComparisonError("missing_field", key)
-  prompt = _prompt(record["prompt"])
+  prompt = parse_prompt(record["prompt"])
   responses = record["responses"]
   if not isinstance(responses, list) or not all(
       isinstance(r, str) for r in responses):
@@ -458,9 +468,10 @@ def encode_comparison(comparison: Comparison, tokenizer: Tokenizer,
                       stats: chat.ChatStats | None = None
                       ) -> list[dict[str, np.ndarray]] | None:
   """Every response of `comparison` encoded (`encode_response`), in the
-  record's order; None (counted in `stats`) when one does not fit or the
-  format cannot tokenise it exactly: the comparison is dropped whole, so
-  its ranking stays complete."""
+  record's order; None (counted in `stats`) when one does not fit, the
+  format cannot tokenise it exactly, or two responses become the same
+  tokens (a pair with nothing to learn, read as a tie by every metric):
+  the comparison is dropped whole, so its ranking stays complete."""
   fmt = chat.get_format(fmt, tokenizer)
   out = []
   for k in range(comparison.k):
@@ -479,6 +490,15 @@ def encode_comparison(comparison: Comparison, tokenizer: Tokenizer,
     if stats is not None and example.pop("prompt_cut", 0):
       stats.note("prompt_truncated_left")
     out.append(example)
+  seen: dict[bytes, int] = {}
+  for k, example in enumerate(out):
+    key = np.asarray(example["ids"], np.int64).tobytes()
+    if key in seen:  # e.g. texts that differ only in unknown characters
+      if stats is not None:
+        stats.add(readers.Drop("equal_after_encoding", f"{comparison.id}: "
+                               f"responses {seen[key]} and {k}"))
+      return None
+    seen[key] = k
   if stats is not None:
     stats.note("encoded")
   return out

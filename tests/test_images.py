@@ -47,6 +47,18 @@ def png_header(width: int, height: int) -> bytes:
           chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b""))
 
 
+def tiff_with_lost_second_frame() -> bytes:
+  """A TIFF whose first frame is whole but whose next-frame pointer leads
+  past the end: Pillow raises TypeError while counting frames."""
+  blob = bytearray(encode(rgb(40, 48), "TIFF"))
+  order = "<" if blob[:2] == b"II" else ">"
+  (ifd,) = struct.unpack(order + "I", blob[4:8])
+  (entries,) = struct.unpack(order + "H", blob[ifd:ifd + 2])
+  at = ifd + 2 + 12 * entries
+  blob[at:at + 4] = struct.pack(order + "I", len(blob) + 50_000)
+  return bytes(blob)
+
+
 # ----------------------------------------------------------------------------
 # Bad input: converted or dropped with a counted reason, never a crash
 # ----------------------------------------------------------------------------
@@ -60,6 +72,7 @@ BAD = {
     "huge": (png_header(8000, 8000), "too_large"),
     "tiny": (encode(rgb(2, 2)), "too_small"),
     "extreme_aspect": (encode(rgb(400, 10)), "extreme_aspect"),
+    "tiff_lost_frame": (tiff_with_lost_second_frame(), "undecodable"),
 }
 
 
@@ -76,6 +89,37 @@ def test_bad_images_are_dropped_with_a_reason(name):
   assert images_lib.prepare(ImageExample(name, conv, (data,)), CFG,
                             stats) is None
   assert stats.counts == {reason: 1}
+
+
+def test_damaged_files_of_every_format_never_raise():
+  """Seeded byte flips and cuts of small files in each format Pillow writes:
+  each comes back as pixels or as a Drop with a known reason."""
+  rng = np.random.default_rng(0)
+  base = rgb(40, 48)
+  files = {"png": encode(base), "rgba": encode(base.convert("RGBA")),
+           "jpeg": encode(base, "JPEG"), "cmyk": encode(base.convert("CMYK"),
+                                                       "JPEG"),
+           "webp": encode(base, "WEBP"), "tiff": encode(base, "TIFF"),
+           "bmp": encode(base, "BMP"), "gif": encode(
+               base.convert("P"), "GIF", save_all=True,
+               append_images=[base.convert("P")])}
+  reasons = {"undecodable", "truncated", "extreme_aspect", "too_small",
+             "too_large", "unsupported_mode"}
+  seen = set()
+  for name, blob in files.items():
+    for trial in range(40):
+      data = bytearray(blob)
+      for _ in range(int(rng.integers(1, 6))):
+        data[int(rng.integers(len(data)))] = int(rng.integers(256))
+      if trial % 3 == 0:
+        data = data[:int(rng.integers(1, len(data)))]
+      out = images_lib.pixels_of(bytes(data), CFG, name)
+      if isinstance(out, readers.Drop):
+        assert out.reason in reasons, (name, trial, out)
+        seen.add(out.reason)
+      else:
+        assert out.shape == (32, 32, 3) and np.isfinite(out).all()
+  assert {"undecodable", "truncated"} <= seen
 
 
 def test_missing_file_and_wrong_types():

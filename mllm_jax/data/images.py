@@ -126,6 +126,7 @@ def _open(data: ImageData, where: str) -> Image.Image | readers.Drop:
     return readers.Drop("not_an_image", f"{where} ({type(data).__name__})")
   try:
     with warnings.catch_warnings():
+      warnings.simplefilter("ignore")  # Pillow's notes on damaged headers
       warnings.simplefilter("error", Image.DecompressionBombWarning)
       return Image.open(io.BytesIO(bytes(data)))
   except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -141,7 +142,7 @@ def _decode(im: Image.Image, where: str) -> readers.Drop | None:
   try:
     im.load()
   except OSError as e:
-    if "truncated" in str(e) or "broken data stream" in str(e):
+    if "truncated" in str(e):
       return readers.Drop("truncated", f"{where} ({e})")
     return readers.Drop("undecodable", f"{where} ({e})")
   except Exception as e:  # pylint: disable=broad-except  # corrupt data
@@ -204,19 +205,26 @@ def load_image(data: ImageData, cfg: ImageConfig, where: str = "?",
                         f"{cfg.min_side})")
   if max(w, h) > cfg.max_aspect * min(w, h):
     return readers.Drop("extreme_aspect", f"{where} ({w}x{h})")
-  if getattr(im, "n_frames", 1) > 1:
-    _note(stats, "first_frame_of_animation")
-  drop = _decode(im, where)
-  if drop is not None:
-    return drop
-  try:
-    if im.getexif().get(0x0112, 1) != 1:  # EXIF Orientation
-      _note(stats, "exif_rotated")
-      im = ImageOps.exif_transpose(im)
-    return to_rgb(im, cfg.fill_rgb, stats)
-  except Exception as e:  # pylint: disable=broad-except  # odd modes, EXIF
-    return readers.Drop("unsupported_mode", f"{where} ({im.mode}: "
-                        f"{type(e).__name__})")
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # Pillow's notes on damaged metadata
+    drop = _decode(im, where)
+    if drop is not None:
+      return drop
+    try:
+      frames = getattr(im, "n_frames", 1)  # reads every frame's header
+    except Exception as e:  # pylint: disable=broad-except  # a damaged frame
+      return readers.Drop("undecodable", f"{where} (frames: "
+                          f"{type(e).__name__}: {e})")
+    if frames > 1:
+      _note(stats, "first_frame_of_animation")
+    try:
+      if im.getexif().get(0x0112, 1) != 1:  # EXIF Orientation
+        _note(stats, "exif_rotated")
+        im = ImageOps.exif_transpose(im)
+      return to_rgb(im, cfg.fill_rgb, stats)
+    except Exception as e:  # pylint: disable=broad-except  # odd modes, EXIF
+      return readers.Drop("unsupported_mode", f"{where} ({im.mode}: "
+                          f"{type(e).__name__})")
 
 
 # ----------------------------------------------------------------------------

@@ -613,3 +613,40 @@ def test_answer_baselines():
   assert base == {"all": {"count": 4.0, "majority": 0.5},
                   "color": {"count": 2.0, "majority": 0.5},
                   "yes_no": {"count": 2.0, "majority": 0.5}}
+
+
+def test_tfds_image_features(tmp_path):
+  """A TFDS dataset with tfds Image features (decoded to uint8 by tfds, no
+  TensorFlow) reads into the same record, and its pixels preprocess."""
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  record = {"messages": [{"role": "user", "content": "<image> What?"},
+                         {"role": "assistant", "content": "Noise."}]}
+
+  class DecodedImages(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls):
+      return None
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=(
+          tfds.features.FeaturesDict({
+              "conversation": tfds.features.Text(),
+              "images": tfds.features.Sequence(tfds.features.Image())})))
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+      yield 0, {"conversation": json.dumps(record),
+                "images": [encode(rgb(20, 24))]}
+
+  builder = DecodedImages(data_dir=str(tmp_path), file_format="array_record")
+  builder.download_and_prepare()
+  stats = chat.ChatStats()
+  (example,) = image_readers.read_tfds(str(builder.data_dir), stats=stats)
+  assert stats.counts == {} and example.conversation.num_images == 1
+  np.testing.assert_array_equal(example.images[0], np.asarray(rgb(20, 24)))
+  assert images_lib.prepare(example, CFG)["images"].shape == (1, 32, 32, 3)

@@ -187,6 +187,37 @@ def test_clip_golden_tensor():
                              rtol=0, atol=1e-5)
 
 
+def test_against_transformers_clip_processor():
+  """transformers' CLIPImageProcessor (its Pillow backend: what LLaVA
+  runs) on real photos. "pad": LLaVA-1.5 pads to a square of the mean
+  colour, built here with numpy, then the processor resizes; equal to the
+  float. "crop": equal where the crop margin is even; where it is odd the
+  processor floors the offset and CLIP's torchvision reference (the golden
+  tensor above, which we follow) rounds it, a one-pixel shift."""
+  from transformers import CLIPImageProcessorPil  # pylint: disable=import-outside-toplevel
+  size = 64
+  proc = CLIPImageProcessorPil(size={"shortest_edge": size},
+                               crop_size={"height": size, "width": size})
+  cfg = ImageConfig(size=size)
+  for photo in image_sources.skimage_photos()[3:9]:
+    im = images_lib.load_image(photo.image, cfg)
+    w, h = im.size
+    side = max(w, h)
+    square = np.empty((side, side, 3), np.uint8)
+    square[:] = [int(v * 255) for v in CFG.mean]
+    top, left = (side - h) // 2, (side - w) // 2
+    square[top:top + h, left:left + w] = np.asarray(im)
+    ref = proc(images=Image.fromarray(square), return_tensors="np")
+    ours = images_lib.preprocess(im, ImageConfig(size=size, resize="pad"))
+    np.testing.assert_allclose(
+        ours, ref["pixel_values"][0].transpose(1, 2, 0), rtol=0, atol=1e-5)
+    margin = int(size * max(w, h) / min(w, h)) - size
+    if margin % 2 == 0:
+      ref = proc(images=im, return_tensors="np")["pixel_values"][0]
+      np.testing.assert_allclose(images_lib.preprocess(im, cfg),
+                                 ref.transpose(1, 2, 0), rtol=0, atol=1e-5)
+
+
 def test_pad_and_squash():
   im = Image.new("RGB", (40, 20), (255, 0, 0))
   cfg = ImageConfig(size=20, resize="pad")

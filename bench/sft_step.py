@@ -181,10 +181,12 @@ def load_examples(tokenizer, seq: int, overflow: str, min_examples: int,
 
 
 class Child:
-  """A side in its own process; `step()` lets it run one step and returns
-  its report (it times itself, from "go" to the step's end)."""
+  """A side in its own process (`script --_child KIND`, this file unless
+  given); `step()` lets it run one step and returns its report (it times
+  itself, from "go" to the step's end)."""
 
-  def __init__(self, name: str, python: str, spec: dict, env=None):
+  def __init__(self, name: str, python: str, spec: dict, env=None,
+               script: str = __file__):
     self.name = name
     os.makedirs(spec["run_dir"], exist_ok=True)
     spec_file = os.path.join(spec["run_dir"], f"{name}.json")
@@ -194,7 +196,7 @@ class Child:
     read_fd, write_fd = os.pipe()
     with open(self.log_file, "w") as out:
       self.proc = subprocess.Popen(
-          [python, os.path.abspath(__file__), "--_child", spec["kind"],
+          [python, os.path.abspath(script), "--_child", spec["kind"],
            "--_spec", spec_file, "--_report_fd", str(write_fd)],
           stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT,
           pass_fds=(write_fd,), cwd=REPO, text=True,
@@ -256,6 +258,23 @@ class Reporter:
 # ----------------------------------------------------------------------------
 
 
+def trl_training_args(spec: dict) -> dict:
+  """The TrainingArguments every TRL side here shares: `spec`'s batch and
+  warm-up + timed steps, our optimizer's settings (constant rate, AdamW,
+  no decay, clipping), float32 on the CPU, no gradient checkpointing, and
+  nothing saved or reported."""
+  return dict(
+      output_dir=os.path.join(spec["run_dir"], spec["variant"]),
+      per_device_train_batch_size=spec["batch"], gradient_accumulation_steps=1,
+      max_steps=spec["warmup"] + spec["steps"], learning_rate=LEARNING_RATE,
+      lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+      adam_beta1=B1, adam_beta2=B2, adam_epsilon=EPS, max_grad_norm=CLIP,
+      optim="adamw_torch_fused", bf16=False, fp16=False,
+      gradient_checkpointing=False, use_cpu=True, report_to="none",
+      save_strategy="no", logging_steps=1, disable_tqdm=True,
+      dataloader_num_workers=0, dataloader_pin_memory=False, seed=0)
+
+
 def trl_child(spec: dict, reporter: Reporter) -> None:
   # pylint: disable=import-outside-toplevel
   import datasets
@@ -280,18 +299,9 @@ def trl_child(spec: dict, reporter: Reporter) -> None:
         input_ids=torch.tensor([first["input_ids"]]),
         labels=torch.tensor([first["labels"]]), use_cache=False).loss)
   packed = spec["variant"] == "packed"
-  total = spec["warmup"] + spec["steps"]
-  config = trl.SFTConfig(
-      output_dir=os.path.join(spec["run_dir"], spec["variant"]),
-      per_device_train_batch_size=spec["batch"], gradient_accumulation_steps=1,
-      max_steps=total, learning_rate=LEARNING_RATE,
-      lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-      adam_beta1=B1, adam_beta2=B2, adam_epsilon=EPS, max_grad_norm=CLIP,
-      optim="adamw_torch_fused", bf16=False, fp16=False,
-      gradient_checkpointing=False, use_cpu=True, report_to="none",
-      save_strategy="no", logging_steps=1, disable_tqdm=True,
-      dataloader_num_workers=0, dataloader_pin_memory=False, seed=0,
-      max_length=spec["seq"] + 1, packing=packed, packing_strategy="bfd")
+  config = trl.SFTConfig(**trl_training_args(spec),
+                         max_length=spec["seq"] + 1, packing=packed,
+                         packing_strategy="bfd")
   batches = []
   losses = []
 

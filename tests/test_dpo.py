@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from launch import demo_alignment
+
 from mllm_jax.configlib import ConfigError, from_config
 from mllm_jax.data.config import ComparisonDataConfig
 from mllm_jax.modeling import Decoder
@@ -189,6 +191,11 @@ def test_dpo_run_resumes_bitwise_and_reports_heldout_margins(tmp_path, base):  #
   assert before["reward_margin"] == 0  # the reference against itself
   assert {"arc_easy", "gsm8k"} <= set(summary["after"])
   assert (straight / "model" / "tokenizer.model").exists()
+  # The demo's section: the run's numbers, a row per source, the curves.
+  report = "\n".join(demo_alignment.dpo_report(str(straight)))
+  assert f"{after['logp_margin']:.3f}** nats" in report
+  assert "| gsm8k | " in report and "not human preferences" in report
+  assert (straight / "dpo.png").stat().st_size > 0
 
   run = tmp_path / "killed"
   proc = start(run, base)

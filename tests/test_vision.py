@@ -27,8 +27,8 @@ from mllm_jax.modeling.vision_config import (ProjectorConfig,  # noqa: E402
                                              VisionConfig)
 from mllm_jax.parallel.config import ParallelConfig  # noqa: E402
 from mllm_jax.parallel.mesh import make_mesh  # noqa: E402
-from mllm_jax.parallel.sharding import (param_shardings,  # noqa: E402
-                                        use_mesh)
+from mllm_jax.parallel.sharding import (create_sharded,  # noqa: E402
+                                        param_shardings, use_mesh)
 from tests.helpers import rel_err  # noqa: E402
 
 TOLERANCE = 1e-4
@@ -402,8 +402,14 @@ def tower():
 
 def test_vision_tower_on_mesh_matches_one_device(tower):
   model, images, want = tower
-  state = check_on_mesh(model, images, want)
-  q = state["blocks"]["attn"]["q"]["kernel"].get_value()  # [L, D, H, Dh]
+  check_on_mesh(model, images, want)
+  # Born sharded (initialised under jit on the mesh): the same weights.
+  born = nnx.state(create_sharded(lambda: VisionEncoder(model.cfg,
+                                                        nnx.Rngs(0)),
+                                  make_mesh(MESH), MESH.rules))
+  for a, b in zip(jax.tree.leaves(born), jax.tree.leaves(nnx.state(model))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  q = born["blocks"]["attn"]["q"]["kernel"].get_value()  # [L, D, H, Dh]
   assert q.sharding.spec == P("stage", "fsdp", "tensor", None)
 
 

@@ -1,10 +1,11 @@
 """data_pipeline against its peers, same input, same run; ratios printed last.
 
   python bench/data_pipeline.py [--en-step 4] [--sa-mb 100]
-      [--only chain|minhash|exact]
+      [--only chain|minhash|exact] [--chain-langs en,zh,ja]
 
 1. Per-document chain on one WARC of real pages (LibreOffice help en + Python
-   docs), one process: read -> URL filter -> extract -> repetition -> quality
+   docs; then one WARC each of the zh and ja help pages, every en-step-th),
+   one process: read -> URL filter -> extract -> repetition -> quality
    (ours: + RefinedWeb line corrections) vs datatrove's LocalPipelineExecutor(
    [WarcReader, URLFilter(), Trafilatura(favour_precision=True, timeout=1),
    GopherRepetitionFilter(), GopherQualityFilter()], tasks=1, workers=1).
@@ -12,7 +13,11 @@
    model); ours with lid.176 is printed for reference. Docs/s/core is
    documents over CPU seconds of the process and its children (datatrove
    runs its extractor in a child process; the machine is shared, so wall time
-   is noisier; it is printed too).
+   is noisier; it is printed too). On zh/ja our ratio row uses the chain
+   with lid.176, since the per-language thresholds follow its tag (more
+   work on our side); datatrove's filters count English words there. Each
+   run first prints the CPU the per-page bounds (size and depth checks) take
+   against resiliparse's extraction of the same pages.
 2. MinHash signatures + LSH (FineWeb 112 = 14 x 8, word 5-grams) on Python
    docs sources plus an edited copy of each, vs datasketch and rensa.
 3. Exact substring dedup (suffix array + LCP + spans) MB/s on >= 100 MB of
@@ -39,10 +44,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from bench.host import host_line, load_line  # noqa: E402
 
-from data_pipeline import corpus  # noqa: E402
+from data_pipeline import corpus, extract  # noqa: E402
 from data_pipeline.exact_dedup import duplicate_spans  # noqa: E402
 from data_pipeline.minhash import MinHashParams, minhash_duplicates  # noqa: E402
 from data_pipeline.pipeline import build_stages  # noqa: E402
+from data_pipeline.samples import libreoffice_pages  # noqa: E402
 from data_pipeline.warc_write import write_pages  # noqa: E402
 from mllm_jax.paths import data_path  # noqa: E402
 
@@ -128,27 +134,46 @@ def run_peer(task: str, arg: str) -> dict:
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def lo_pages(lang: str) -> list[str]:
-  code = {"en": "en-US", "de": "de", "fr": "fr", "es": "es", "ja": "ja"}[lang]
-  root = data_path(f"libreoffice-help-{code.lower()}", "usr", "share",
-                   "libreoffice", "help", code, "text")
-  return sorted(glob.glob(os.path.join(root, "**", "*.html"), recursive=True))
-
-
 def py_docs() -> str:
   return data_path("python3.11-doc", "usr", "share", "doc", "python3.11", "html")
 
 
-def build_warc(folder: str, en_step: int) -> tuple[str, int]:
-  pages = [(f"https://help.libreoffice.org/{p.split('/text/')[1]}",
-            open(p, "rb").read()) for p in lo_pages("en")[::en_step]]
+def chain_pages(en_step: int, lang: str = "en") -> list[tuple[str, bytes]]:
+  """(url, html) of every en_step-th help page of ``lang`` (plus the Python
+  docs for en)."""
+  pages = [(f"https://help.libreoffice.org/{lang}/{p.split('/text/')[1]}",
+            open(p, "rb").read()) for p in libreoffice_pages(lang)[::en_step]]
   root = py_docs()
-  pages += [(f"https://docs.python.org/3.11/{os.path.relpath(p, root)}",
-             open(p, "rb").read())
-            for p in sorted(glob.glob(os.path.join(root, "**", "*.html"),
-                                      recursive=True))]
+  if lang == "en":
+    pages += [(f"https://docs.python.org/3.11/{os.path.relpath(p, root)}",
+               open(p, "rb").read())
+              for p in sorted(glob.glob(os.path.join(root, "**", "*.html"),
+                                        recursive=True))]
+  return pages
+
+
+def build_warc(folder: str, pages: list[tuple[str, bytes]]
+               ) -> tuple[str, int]:
   path = os.path.join(folder, "pages.warc.gz")
   return path, write_pages(path, pages)
+
+
+def bench_bounds(pages: list[tuple[str, bytes]]) -> dict:
+  """CPU of the per-page bounds (size and depth checks) against resiliparse's
+  extraction of the same pages: what the bounds add to the extract stage on
+  normal pages (none of them trips a bound)."""
+  htmls = [html.decode("utf-8", "replace") for _, html in pages]
+  limit = extract.Extractor().max_html_bytes
+  c0 = time.process_time()
+  for _ in range(5):
+    tripped = sum(extract.utf8_size_over(h, limit) or extract.too_deep(h, 512)
+                  for h in htmls)
+  checks = (time.process_time() - c0) / 5
+  c0 = time.process_time()
+  for h in htmls:
+    extract.resiliparse_text(h)
+  return {"checks": checks, "extract": time.process_time() - c0,
+          "tripped": tripped}
 
 
 def bench_chain(path: str, n: int, backend: str, langid: bool) -> dict:
@@ -184,7 +209,7 @@ def bench_minhash(texts: list[str]) -> dict:
 def sa_texts(min_mb: int) -> list[str]:
   files = []
   for lang in ("en", "de", "fr", "ja", "es"):
-    files += lo_pages(lang)
+    files += libreoffice_pages(lang)
   files += sorted(glob.glob(os.path.join(py_docs(), "**", "*.html"),
                             recursive=True))
   texts, size = [], 0
@@ -205,11 +230,15 @@ def main() -> None:
                   help="Megabytes of text for the suffix-array bench.")
   ap.add_argument("--only", choices=("chain", "minhash", "exact"),
                   help="Run one part (all three by default).")
+  ap.add_argument("--chain-langs", default="en,zh,ja",
+                  help="Help-page languages of the chain runs (en adds the "
+                  "Python docs).")
   args = ap.parse_args()
   peer_python()
   ratios = []
   if args.only in (None, "chain"):
-    ratios += run_chain(args.en_step)
+    for lang in args.chain_langs.split(","):
+      ratios += run_chain(args.en_step, lang)
   if args.only in (None, "minhash"):
     ratios += run_minhash()
   if args.only in (None, "exact"):
@@ -219,26 +248,40 @@ def main() -> None:
     print(f"  {name}: {r:.2f}x")
 
 
-def run_chain(en_step: int) -> list:
+def run_chain(en_step: int, lang: str = "en") -> list:
   ratios = []
   with tempfile.TemporaryDirectory() as tmp:
-    path, n = build_warc(tmp, en_step)
+    pages = chain_pages(en_step, lang)
+    path, n = build_warc(tmp, pages)
     mb = os.path.getsize(path) / 1e6
-    print(f"[chain] {n} real pages in one WARC ({mb:.1f} MB gz), 1 process")
-    ours = bench_chain(path, n, "resiliparse", False)
-    ours_tf = bench_chain(path, n, "trafilatura", False)
-    ours_lid = bench_chain(path, n, "resiliparse", True)
+    print(f"[chain {lang}] {n} real pages in one WARC ({mb:.1f} MB gz), "
+          "1 process")
+    b = bench_bounds(pages)
+    print(f"  bounds checks {1e3 * b['checks']:.1f} ms cpu = "
+          f"{100 * b['checks'] / b['extract']:.2f}% of resiliparse extraction "
+          f"({b['extract']:.2f} s); pages past a bound: {b['tripped']}")
+    rows = [("ours resiliparse", bench_chain(path, n, "resiliparse", False))]
+    if lang == "en":
+      rows.append(("ours trafilatura",
+                   bench_chain(path, n, "trafilatura", False)))
+    rows.append(("ours resiliparse + lid.176",
+                 bench_chain(path, n, "resiliparse", True)))
     peer = run_peer("chain", tmp)
     peer["dps"] = n / peer["cpu"]
-    for name, r in (("ours resiliparse", ours), ("ours trafilatura", ours_tf),
-                    ("ours resiliparse + lid.176", ours_lid),
-                    ("datatrove trafilatura", peer)):
+    rows.append(("datatrove trafilatura", peer))
+    for name, r in rows:
       print(f"  {name:28s} {r['dps']:8.1f} docs/s/core  (cpu {r['cpu']:.1f} s, "
             f"wall {r['wall']:.1f} s, kept {r['kept']})")
-    ratios += [("chain docs/s/core, ours (resiliparse) / datatrove",
-                ours["dps"] / peer["dps"]),
-               ("chain docs/s/core, ours (trafilatura) / datatrove",
-                ours_tf["dps"] / peer["dps"])]
+    ours = dict(rows)
+    if lang == "en":
+      ratios += [("chain docs/s/core, ours (resiliparse) / datatrove",
+                  ours["ours resiliparse"]["dps"] / peer["dps"]),
+                 ("chain docs/s/core, ours (trafilatura) / datatrove",
+                  ours["ours trafilatura"]["dps"] / peer["dps"])]
+    else:
+      ratios.append((f"chain {lang} docs/s/core, ours (resiliparse + "
+                     "lid.176) / datatrove",
+                     ours["ours resiliparse + lid.176"]["dps"] / peer["dps"]))
   return ratios
 
 

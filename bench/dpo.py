@@ -60,7 +60,7 @@ steps/s (and the load average).
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import itertools
 import json
 import os
 import shutil
@@ -142,8 +142,9 @@ def build_pairs(tokenizer, fmt: str, sources: list[str], needed: int,
   # Interleave the sources, so that every batch mixes them.
   by_source: dict[str, list[int]] = {}
   for i, c in enumerate(kept):
-    by_source.setdefault(c.source, []).append(i)
-  order = [i for group in zip(*by_source.values()) for i in group]
+    by_source.setdefault(c.source.split(":")[0], []).append(i)
+  order = [i for group in itertools.zip_longest(*by_source.values())
+           for i in group if i is not None]
   for i in order:
     enc = [trim(e) for e in encoded[i]]
     record = trl_record(enc, kept[i].ranking)

@@ -107,10 +107,21 @@ def random_hf_llama(seed: int = 0, **config):
   torch.manual_seed(seed)
   model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
       **config, attn_implementation="eager")).eval()
+  return randomise_torch(model)
+
+
+def randomise_torch(module, seed: int | None = None):
+  """Draws O(1) weights (rows of unit-variance outputs) and non-unit norm
+  scales and biases into a torch module (from torch's generator, reseeded
+  when `seed` is given) and sets eval mode, so that a parity test sees every
+  mapping error."""
+  import torch  # pylint: disable=import-outside-toplevel
+  if seed is not None:
+    torch.manual_seed(seed)
   with torch.no_grad():
-    for p in model.parameters():
+    for p in module.parameters():
       if p.ndim == 1:
         p.copy_(1 + 0.2 * torch.randn_like(p))
       else:
         p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
-  return model
+  return module.eval()

@@ -29,7 +29,7 @@ from mllm_jax.parallel.config import ParallelConfig  # noqa: E402
 from mllm_jax.parallel.mesh import make_mesh  # noqa: E402
 from mllm_jax.parallel.sharding import (create_sharded,  # noqa: E402
                                         param_shardings, use_mesh)
-from tests.helpers import rel_err  # noqa: E402
+from tests.helpers import randomise_torch, rel_err  # noqa: E402
 
 TOLERANCE = 1e-4
 CLIP_SHAPES = {
@@ -60,18 +60,6 @@ QFORMER_SHAPES = {
 }
 
 
-def randomise(module, seed):
-  """O(1) weights and non-unit norms, so every mapping error shows."""
-  torch.manual_seed(seed)
-  with torch.no_grad():
-    for p in module.parameters():
-      if p.ndim == 1:
-        p.copy_(1 + 0.2 * torch.randn_like(p))
-      else:
-        p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
-  return module.eval()
-
-
 def torch_images(cfg: VisionConfig, batch: int, size: int | None = None,
                  width: int | None = None, seed: int = 0):
   size = size or cfg.image_size
@@ -94,8 +82,8 @@ def clip_pairs():
     if name not in cache:
       hf_cfg = transformers.CLIPVisionConfig(**CLIP_SHAPES[name],
                                              attn_implementation="eager")
-      model = randomise(transformers.CLIPVisionModel(hf_cfg),
-                        len(cache))
+      model = randomise_torch(transformers.CLIPVisionModel(hf_cfg),
+                              len(cache))
       cfg = convert.clip_config_from_hf(hf_cfg.to_dict(), name,
                                         dtype="float32")
       ours = convert.clip_from_hf(cfg, convert.reader_for(model.state_dict()))
@@ -201,11 +189,11 @@ def hf_qformer(shape, seed=0):
   spec = QFORMER_SHAPES[shape]
   config = transformers.Blip2QFormerConfig(**spec["config"],
                                            attn_implementation="eager")
-  qformer = randomise(transformers.Blip2QFormerModel(config), seed)
+  qformer = randomise_torch(transformers.Blip2QFormerModel(config), seed)
   torch.manual_seed(seed + 100)
   queries = torch.randn(1, spec["queries"], config.hidden_size)
-  projection = randomise(torch.nn.Linear(config.hidden_size, spec["llm"]),
-                         seed + 200)
+  projection = randomise_torch(
+      torch.nn.Linear(config.hidden_size, spec["llm"]), seed + 200)
 
   def forward(features):
     with torch.no_grad():
@@ -255,7 +243,7 @@ def test_mlp_projector_matches_llava():
       vision_config=transformers.CLIPVisionConfig(hidden_size=24).to_dict(),
       text_config=transformers.LlamaConfig(hidden_size=40,
                                           num_attention_heads=4).to_dict())
-  module = randomise(
+  module = randomise_torch(
       transformers.models.llava.modeling_llava.LlavaMultiModalProjector(
           llava), 5)
   tensors = {f"multi_modal_projector.{k}": v

@@ -385,17 +385,28 @@ def params_from_hf(cfg: ModelConfig, reader: WeightReader) -> dict[str, Any]:
   Tensors left over (biases, another architecture's extras) are an error:
   dropping them would give a model that differs from the checkpoint.
   """
-  dtype, tensors = cfg.weight_dtype, layout(cfg)
+  tensors = layout(cfg)
   _check_no_extra(cfg, tensors, reader)
+  return read_layout(tensors, reader, cfg.weight_dtype)
+
+
+def read_layout(tensors: list[Any], reader: WeightReader, dtype: Any,
+                prefix: str = "") -> dict[str, Any]:
+  """Reads every tensor of a layout table (entries with name, path, layer,
+  hf_shape and to_native: this module's `Tensor` or convert.vision's) under
+  `prefix` -> the native pure dict, per-layer slices stacked on axis 0.
+  Fails naming the tensor and its file on a shape the config does not imply.
+  """
   flat: dict[native.Path, Any] = {}
   layers: dict[native.Path, list[np.ndarray]] = {}
   for t in tensors:
-    w = reader.get(t.name)
+    name = prefix + t.name
+    w = reader.get(name)
     if tuple(w.shape) != t.hf_shape:
       raise ConfigError(
-          f"{reader.where[t.name]}: tensor {t.name} has shape "
+          f"{reader.where[name]}: tensor {name} has shape "
           f"{tuple(w.shape)} but the config implies {t.hf_shape}")
-    x = np.asarray(t.to_native(w), dtype)
+    x = np.asarray(t.to_native(np.asarray(w)), dtype)
     if t.layer is None:
       flat[t.path] = x
     else:

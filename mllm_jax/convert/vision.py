@@ -205,21 +205,7 @@ def params_from_hf(layout: list[Tensor], reader: hf.WeightReader,
         f"{reader.where[extra[0]]}: {len(extra)} tensor(s) under "
         f"{prefix or 'the checkpoint root'!r} have no place in our module, "
         f"e.g. {extra[:3]}")
-  flat: dict[Path, Any] = {}
-  layers: dict[Path, list[np.ndarray]] = {}
-  for t in layout:
-    w = reader.get(prefix + t.name)
-    if tuple(w.shape) != t.hf_shape:
-      raise ConfigError(
-          f"{reader.where[prefix + t.name]}: tensor {prefix + t.name} has "
-          f"shape {tuple(w.shape)} but the config implies {t.hf_shape}")
-    x = np.asarray(t.to_native(np.asarray(w)), dtype)
-    if t.layer is None:
-      flat[t.path] = x
-    else:
-      layers.setdefault(t.path, []).append(x)
-  flat.update({path: np.stack(xs) for path, xs in layers.items()})
-  return native.unflatten(flat)
+  return hf.read_layout(layout, reader, dtype, prefix)
 
 
 def params_to_hf(layout: list[Tensor], params: Any, prefix: str = "",

@@ -28,8 +28,25 @@ RUN_FIELDS = ("attention_backend", "remat", "scan_unroll", "custom_vjp",
               "loss_chunk_len")
 
 
+class Dtypes:
+  """`dtype` / `param_dtype` fields as numpy dtypes (JAX imported lazily, so
+  config files import this without JAX); shared by the model configs."""
+  dtype: str
+  param_dtype: str
+
+  @property
+  def compute_dtype(self):
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    return jnp.dtype(self.dtype)
+
+  @property
+  def weight_dtype(self):
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    return jnp.dtype(self.param_dtype)
+
+
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(Dtypes):
   """A LLaMA-family decoder. Zero for a derived size means "use the default".
 
   num_kv_heads: 0 -> num_heads (multi-head); 1 is multi-query; else grouped.
@@ -94,16 +111,6 @@ class ModelConfig:
     hidden = int(2 * 4 * self.embed_dim / 3)
     multiple = self.mlp_multiple_of
     return multiple * ((hidden + multiple - 1) // multiple)
-
-  @property
-  def compute_dtype(self):
-    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-    return jnp.dtype(self.dtype)
-
-  @property
-  def weight_dtype(self):
-    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-    return jnp.dtype(self.param_dtype)
 
   def validate(self, prefix: str = "model") -> None:
     for name in ("vocab_size", "embed_dim", "num_layers", "num_heads",

@@ -15,7 +15,7 @@ import dataclasses
 
 from mllm_jax.configlib import check, check_choice
 from mllm_jax.modeling.config import (ATTENTION_BACKENDS, DTYPES,
-                                      REMAT_POLICIES)
+                                      REMAT_POLICIES, Dtypes)
 
 ACTIVATIONS = ("quick_gelu", "gelu", "gelu_tanh")
 # patch: the patch tokens only (LLaVA's "default"); cls_patch: the class
@@ -30,22 +30,6 @@ QUERY_PROJECTORS = ("qformer", "abstractor")
 VISION_BACKENDS = tuple(b for b in ATTENTION_BACKENDS if b != "splash")
 
 
-class _Dtypes:
-  """`dtype` / `param_dtype` fields as numpy dtypes (JAX imported lazily)."""
-  dtype: str
-  param_dtype: str
-
-  @property
-  def compute_dtype(self):
-    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-    return jnp.dtype(self.dtype)
-
-  @property
-  def weight_dtype(self):
-    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-    return jnp.dtype(self.param_dtype)
-
-
 def _check_run_fields(cfg, prefix: str) -> None:
   check_choice(cfg.attention_backend, VISION_BACKENDS,
                f"{prefix}.attention_backend")
@@ -55,7 +39,7 @@ def _check_run_fields(cfg, prefix: str) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
-class VisionConfig(_Dtypes):
+class VisionConfig(Dtypes):
   """A ViT as in CLIP: patch embedding, a class token, learned positions,
   a LayerNorm before the blocks, pre-LN blocks with biases, quick-GELU.
 
@@ -132,7 +116,7 @@ class VisionConfig(_Dtypes):
 
 
 @dataclasses.dataclass(frozen=True)
-class ProjectorConfig(_Dtypes):
+class ProjectorConfig(Dtypes):
   """Vision features [B, N, D_vision] -> embeddings [B, N_tokens, D_llm].
 
   linear: one affine map per feature (N_tokens = N).

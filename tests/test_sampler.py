@@ -17,13 +17,16 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from mllm_jax.convert import hf, native  # noqa: E402
+from mllm_jax.eval.scoring import Scorer  # noqa: E402
 from mllm_jax.generate.sampler import Sampler  # noqa: E402
 from mllm_jax.generate.sampling import (  # noqa: E402
     SamplingParams, filter_logits, sample)
-from mllm_jax.modeling import Decoder, ModelConfig  # noqa: E402
+from mllm_jax.modeling import Decoder, KVCache, ModelConfig  # noqa: E402
+from mllm_jax.modeling import peft as peft_lib  # noqa: E402
+from mllm_jax.modeling.peft import PeftConfig  # noqa: E402
 from mllm_jax.parallel.config import DEFAULT_RULES, ParallelConfig  # noqa: E402
 from mllm_jax.parallel.mesh import make_mesh  # noqa: E402
-from tests.helpers import random_hf_llama  # noqa: E402
+from tests.helpers import random_hf_llama, tiny_config  # noqa: E402
 
 VOCAB = 259  # ByteTokenizer's size, so eval tests can share the model.
 PROMPTS = [[1, 72, 105, 33, 200, 7], [1, 40], [1, 9, 9, 14, 15, 16, 17, 18,
@@ -133,6 +136,32 @@ def test_temperature_follows_softmax_through_the_sampler():
   logp = logits - logits.max() - np.log(np.exp(logits - logits.max()).sum())
   np.testing.assert_allclose(out.logprobs[0][0], logp[out.tokens[0][0]],
                              atol=1e-5)
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(), SamplingParams(temperature=0.8, top_p=0.9),
+    SamplingParams(temperature=1.3, top_k=20)], ids=["greedy", "T_top_p",
+                                                      "T_top_k"])
+def test_logprobs_equal_the_training_forward_pass(pair, params):
+  """Rollout log-probs (left-padded prompts of different lengths, sampled)
+  equal a float32 forward pass over prompt + response without a cache, and
+  the processed ones equal the filtered, tempered softmax there."""
+  model = pair[1]
+  out = Sampler(model).generate(PROMPTS, 10, sampling=params, seed=3,
+                                processed_logprobs=True)
+  sequences = [p + t for p, t in zip(PROMPTS, out.tokens)]
+  scored = Scorer(model).sequence_logprobs(sequences)
+  for i, prompt in enumerate(PROMPTS):
+    n = len(out.tokens[i])
+    assert n == 10 and out.logprobs[i].shape == (n,)
+    np.testing.assert_allclose(out.logprobs[i], scored[i][0][-n:], atol=1e-5)
+    logits = model(jnp.asarray([sequences[i]]))[0, len(prompt) - 1:-1]
+    drawn = jax.nn.log_softmax(filter_logits(logits, params), axis=-1) if (
+        not params.greedy) else jnp.zeros_like(logits)
+    expect = np.asarray(drawn)[np.arange(n), out.tokens[i]]
+    np.testing.assert_allclose(out.processed_logprobs[i], expect, atol=1e-5)
+    assert np.isfinite(out.processed_logprobs[i]).all()
+  assert Sampler(model).generate(PROMPTS, 2).processed_logprobs is None
 
 
 LOGITS = np.log(np.array([0.30, 0.22, 0.15, 0.12, 0.09, 0.06, 0.04, 0.02]))
@@ -249,10 +278,10 @@ def test_sharded_decoding_matches(pair, greedy):
   assert out.tokens == greedy.tokens
   for a, b in zip(out.logprobs, greedy.logprobs):
     np.testing.assert_allclose(a, b, atol=1e-4)
-  k = out.state.cache.k
-  assert k.shape[1] == 4  # 3 prompts padded to the 4 batch shards
+  k = out.state.cache.k[0]  # layer 0's keys, [B, KV, S, D]
+  assert k.shape[0] == 4  # 3 prompts padded to the 4 batch shards
   assert len(k.sharding.device_set) == 8
-  assert k.sharding.shard_shape(k.shape)[1] == 1
+  assert k.sharding.shard_shape(k.shape)[0] == 1
 
 
 @pytest.mark.parametrize("prompts, kwargs, message", [
@@ -267,3 +296,34 @@ def test_bad_input_is_refused(pair, prompts, kwargs, message):
   kwargs = {"max_new_tokens": 2, **kwargs}
   with pytest.raises(ValueError, match=message):
     Sampler(pair[1]).generate(prompts, **kwargs)
+
+
+@pytest.mark.parametrize("position, method", [
+    ("alibi", None), ("rope", "prefix"), ("rope", "lora")])
+def test_per_layer_cache_equals_the_stacked_one(position, method):
+  """The sampler's cache layout (per layer, heads-major, blocks run one by
+  one on `layer_states`) computes what the stacked cache and scan do, for
+  GQA: a left-padded prefill, then decode steps."""
+  cfg = tiny_config("tiny", position=position)
+  peft = None if method is None else PeftConfig(method, num_virtual_tokens=4)
+  model = (Decoder(cfg, nnx.Rngs(1)) if peft is None else
+           peft_lib.build_model(cfg, peft, nnx.Rngs(1)))
+  tokens = jnp.asarray(np.random.RandomState(0).randint(1, 200, (2, 9)))
+  segments = jnp.asarray([[0, 0, 1, 1, 1, 1], [1] * 6])
+  runs = []
+  for per_layer in (False, True):
+    layers = model.layer_states() if per_layer else None
+    cache = KVCache.create(cfg, 2, 16, per_layer=per_layer)
+    positions = jnp.maximum(jnp.cumsum(segments, axis=1) - 1, 0)
+    out, cache = model(tokens[:, :6], positions, segments, cache=cache,
+                       layers=layers)
+    outs = [out]
+    for t in range(6, 9):
+      pos = positions[:, -1:] + t - 5
+      out, cache = model(tokens[:, t:t + 1], pos, jnp.ones((2, 1), jnp.int32),
+                         cache=cache, layers=layers)
+      outs.append(out)
+    runs.append(jnp.concatenate(outs, axis=1))
+  np.testing.assert_allclose(runs[1], runs[0], atol=1e-5)
+  with pytest.raises(ValueError, match="per-layer KVCache needs layers"):
+    model(tokens[:, :1], cache=KVCache.create(cfg, 2, 4, per_layer=True))

@@ -19,6 +19,12 @@ Design
     string. (A per-token `io_callback` would stream each token but force a
     host sync every step, which costs more than the step itself on small
     models.)
+  * The decode loop streams the weights once per step and copies nothing
+    else of size (docs/benchmarks_decode.md has the profile): the blocks run
+    one by one on per-layer weights split once per Sampler (a second copy of
+    the block weights while it lives), and the cache is one array per layer
+    laid out heads-major, as the attention's dots read it
+    (`KVCache.create(per_layer=True)`), updated in place in the loop carry.
   * Interrupts (tool calls): a row that emits an interrupt id stops with the
     token fed into the cache. `Sampler.resume` appends caller tokens (e.g. a
     tool result) through the same cache and continues decoding; the prefix is
@@ -26,7 +32,10 @@ Design
 
 Log-probabilities are of the sampled token under the model's *unmodified*
 softmax (temperature 1, no top-k/top-p), i.e. log pi(token | context): what
-PPO's importance ratios and KL penalties need.
+PPO's importance ratios and KL penalties need. With `processed_logprobs=True`
+the log-probability under the distribution the token was drawn from
+(temperature and filters applied) comes too, e.g. for importance weights of
+the sampling policy itself.
 """
 
 from __future__ import annotations
@@ -45,7 +54,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from mllm_jax.configlib import ConfigError
-from mllm_jax.generate.sampling import SamplingParams, sample, token_logprobs
+from mllm_jax.generate.sampling import SamplingParams, sample_and_score
 from mllm_jax.modeling.attention import KVCache
 from mllm_jax.modeling.decoder import Decoder
 from mllm_jax.parallel.config import DEFAULT_RULES, Rules
@@ -69,6 +78,7 @@ class DecodeState:
   stop_reason: jax.Array  # [B] int32
   tokens: jax.Array  # [B, N] this call's tokens (pad after a row's end)
   logprobs: jax.Array  # [B, N] float32 (0 after a row's end)
+  processed: jax.Array  # [B, N] float32, as logprobs, sampling distribution
   lengths: jax.Array  # [B] int32 tokens generated this call
   step: jax.Array  # int32 scalar, steps run this call
   rng: jax.Array
@@ -77,9 +87,11 @@ class DecodeState:
 def _constrain_state(state: DecodeState) -> DecodeState:
   batch = ("act_batch",)
   cache = state.cache
-  kv = (None, "act_batch", None, "act_kv_heads", None)
+  kv = lambda x: constrain(x, ("act_batch", "act_kv_heads", None, None)
+                           if cache.per_layer else
+                           (None, "act_batch", None, "act_kv_heads", None))
   cache = cache.replace(
-      k=constrain(cache.k, kv), v=constrain(cache.v, kv),
+      k=jax.tree.map(kv, cache.k), v=jax.tree.map(kv, cache.v),
       segment_ids=constrain(cache.segment_ids, ("act_batch", None)),
       positions=constrain(cache.positions, ("act_batch", None)),
       prefix=constrain(cache.prefix, ("act_batch", None)))
@@ -90,23 +102,25 @@ def _constrain_state(state: DecodeState) -> DecodeState:
       stop_reason=constrain(state.stop_reason, batch),
       tokens=constrain(state.tokens, ("act_batch", None)),
       logprobs=constrain(state.logprobs, ("act_batch", None)),
+      processed=constrain(state.processed, ("act_batch", None)),
       lengths=constrain(state.lengths, batch))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "batch",
-                                             "cache_len"))
-def _empty_state(graphdef, params, rng, batch, cache_len):
+                                             "cache_len", "per_layer"))
+def _empty_state(graphdef, params, rng, batch, cache_len, per_layer):
   """A fresh state with an empty cache of `cache_len` slots."""
   cfg = nnx.merge(graphdef, params).cfg
   b = batch
   return _constrain_state(DecodeState(
-      cache=KVCache.create(cfg, b, cache_len),
+      cache=KVCache.create(cfg, b, cache_len, per_layer=per_layer),
       logits=jnp.zeros((b, cfg.vocab_size), jnp.float32),
       positions=jnp.zeros((b,), jnp.int32),
       active=jnp.zeros((b,), bool),
       stop_reason=jnp.zeros((b,), jnp.int32),
       tokens=jnp.zeros((b, 0), jnp.int32),
       logprobs=jnp.zeros((b, 0), jnp.float32),
+      processed=jnp.zeros((b, 0), jnp.float32),
       lengths=jnp.zeros((b,), jnp.int32),
       step=jnp.zeros((), jnp.int32), rng=rng))
 
@@ -114,8 +128,8 @@ def _empty_state(graphdef, params, rng, batch, cache_len):
 @functools.partial(jax.jit, static_argnames=("graphdef", "out_len",
                                              "pad_id"),
                    donate_argnames=("state",))
-def _extend(graphdef, params, state, tokens, segments, resume, out_len,
-            pad_id):
+def _extend(graphdef, params, layers, state, tokens, segments, resume,
+            out_len, pad_id):
   """Feeds left-padded tokens [B, T] through the cache and starts a call.
 
   Rows with `resume` become active; their next-token logits come from the
@@ -125,7 +139,8 @@ def _extend(graphdef, params, state, tokens, segments, resume, out_len,
   b = tokens.shape[0]
   positions = state.positions[:, None] + jnp.maximum(
       jnp.cumsum(segments, axis=1) - 1, 0)
-  logits, cache = model(tokens, positions, segments, cache=state.cache)
+  logits, cache = model(tokens, positions, segments, cache=state.cache,
+                        **_layers_arg(layers))
   fed = segments.sum(axis=1)
   return _constrain_state(state.replace(
       cache=cache,
@@ -135,17 +150,23 @@ def _extend(graphdef, params, state, tokens, segments, resume, out_len,
       stop_reason=jnp.where(resume, RUNNING, state.stop_reason),
       tokens=jnp.full((b, out_len), pad_id, jnp.int32),
       logprobs=jnp.zeros((b, out_len), jnp.float32),
+      processed=jnp.zeros((b, out_len), jnp.float32),
       lengths=jnp.zeros((b,), jnp.int32),
       step=jnp.zeros((), jnp.int32)))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling",
                                              "stop_ids", "interrupt_ids",
-                                             "pad_id"),
+                                             "pad_id", "processed"),
                    donate_argnames=("state",))
-def _decode(graphdef, params, state, limit, sampling, stop_ids,
-            interrupt_ids, pad_id):
-  """Runs decode steps until `limit` steps or no row is active."""
+def _decode(graphdef, params, layers, state, limit, sampling, stop_ids,
+            interrupt_ids, pad_id, processed):
+  """Runs decode steps until `limit` steps or no row is active.
+
+  layers: `_layer_states` of the same parameters. The blocks run one by one
+  on them: a scan over the stacked weights copies every layer's weights out
+  on every step, and slicing them here would copy them all on every call.
+  """
   model = nnx.merge(graphdef, params)
 
   def member(tok, ids):
@@ -159,16 +180,17 @@ def _decode(graphdef, params, state, limit, sampling, stop_ids,
   def body(s):
     rng, key = jax.random.split(s.rng)
     active = s.active
-    tok = sample(s.logits, key, sampling)
-    logp = token_logprobs(s.logits, tok)
+    tok, logp, drawn = sample_and_score(s.logits, key, sampling, processed)
     tok = jnp.where(active, tok, pad_id)
     at = (0, s.step)
-    tokens = jax.lax.dynamic_update_slice(s.tokens, tok[:, None], at)
-    logprobs = jax.lax.dynamic_update_slice(
-        s.logprobs, jnp.where(active, logp, 0.0)[:, None], at)
+    put = lambda out, x: jax.lax.dynamic_update_slice(out, x[:, None], at)
+    tokens = put(s.tokens, tok)
+    logprobs = put(s.logprobs, jnp.where(active, logp, 0.0))
+    drawn = (s.processed if drawn is None
+             else put(s.processed, jnp.where(active, drawn, 0.0)))
     seg = active.astype(jnp.int32)[:, None]
     logits, cache = model(tok[:, None], s.positions[:, None], seg,
-                          cache=s.cache)
+                          cache=s.cache, **_layers_arg(layers))
     stopped = active & member(tok, stop_ids)
     interrupted = active & member(tok, interrupt_ids) & ~stopped
     reason = jnp.where(stopped, STOP_TOKEN,
@@ -177,9 +199,20 @@ def _decode(graphdef, params, state, limit, sampling, stop_ids,
         cache=cache, logits=logits[:, -1],
         positions=s.positions + active, active=active & ~stopped & ~interrupted,
         stop_reason=reason, tokens=tokens, logprobs=logprobs,
-        lengths=s.lengths + active, step=s.step + 1, rng=rng))
+        processed=drawn, lengths=s.lengths + active, step=s.step + 1, rng=rng))
 
   return jax.lax.while_loop(cond, body, _constrain_state(state))
+
+
+def _layers_arg(layers) -> dict[str, Any]:
+  """The model's `layers=` when there are per-layer weights (Decoder), else
+  nothing, so that other models with the Decoder's call keep working."""
+  return {} if layers is None else {"layers": layers}
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _layer_states(graphdef, params):
+  return nnx.merge(graphdef, params).layer_states()
 
 
 def _grow_cache(state: DecodeState, new_len: int) -> DecodeState:
@@ -189,7 +222,9 @@ def _grow_cache(state: DecodeState, new_len: int) -> DecodeState:
   pad = lambda x, axis: jnp.pad(x, [(0, extra if i == axis else 0)
                                     for i in range(x.ndim)])
   return state.replace(cache=cache.replace(
-      k=pad(cache.k, 2), v=pad(cache.v, 2),
+      # Slots are axis 2 of [L, B, S, KV, D] and of per-layer [B, KV, S, D].
+      k=jax.tree.map(lambda x: pad(x, 2), cache.k),
+      v=jax.tree.map(lambda x: pad(x, 2), cache.v),
       segment_ids=pad(cache.segment_ids, 1),
       positions=pad(cache.positions, 1), prefix=pad(cache.prefix, 1)))
 
@@ -205,6 +240,9 @@ class Generation:
   tokens[i]: the new tokens of row i, ending with the stop or interrupt token
     when there was one (a stop string's row ends with the token completing it).
   logprobs[i]: log softmax(logits)[token] at temperature 1, unfiltered.
+  processed_logprobs[i]: with `processed_logprobs=True`, the log-probability
+    under the distribution sampled from (temperature, top-k, top-p; 0 when
+    greedy), else None.
   stop_reasons[i]: 'stop_token', 'interrupt', 'stop_string' or 'length'.
   texts[i]: decoded tokens (cut before the stop string), with a tokenizer.
   state: the device state, for `Sampler.resume`.
@@ -215,6 +253,7 @@ class Generation:
   texts: list[str] | None
   state: DecodeState
   num_rows: int
+  processed_logprobs: list[np.ndarray] | None = None
 
 
 def _stop_string_cut(tokenizer, tokens: Sequence[int], start: int,
@@ -250,6 +289,10 @@ class Sampler:
     self.rules = tuple(rules if rules is not None else DEFAULT_RULES)
     self.pad_id = pad_id
     self.prompt_multiple = prompt_multiple
+    # Per-layer weights and cache (the fast decode path) for a Decoder; a
+    # model without `layer_states` runs with its stacked cache.
+    self.per_layer = hasattr(model, "layer_states")
+    self._layers = None  # made on first use
 
   # -- helpers ---------------------------------------------------------------
 
@@ -265,6 +308,13 @@ class Sampler:
       return jnp.asarray(x)
     spec = logical_to_spec(names, self.rules, self.mesh)
     return jax.device_put(x, NamedSharding(self.mesh, spec))
+
+  def _layer_params(self) -> list[nnx.State] | None:
+    """The blocks' weights split per layer (a second copy of them, held for
+    the sampler's lifetime so that no decode call pays for the slicing)."""
+    if self._layers is None and self.per_layer:  # (in _run's mesh context)
+      self._layers = _layer_states(self.graphdef, self.params)
+    return self._layers
 
   def _context(self):
     return (use_mesh(self.mesh, self.rules) if self.mesh is not None
@@ -312,7 +362,8 @@ class Sampler:
                interrupt_tokens: Sequence[int] = (), seed: int = 0,
                chunk_size: int | None = None,
                on_chunk: Callable[[list[list[int]]], None] | None = None,
-               cache_len: int | None = None) -> Generation:
+               cache_len: int | None = None,
+               processed_logprobs: bool = False) -> Generation:
     """Samples up to `max_new_tokens` after each prompt.
 
     prompts: strings (encoded with BOS) or lists of token ids, any lengths.
@@ -324,6 +375,8 @@ class Sampler:
     on_chunk: called after each chunk with each row's new tokens.
     cache_len: cache slots to allocate (default: prompt + max_new_tokens,
       rounded up); reserve more to resume without growing the cache.
+    processed_logprobs: also return each token's log-probability under the
+      sampling distribution (`Generation.processed_logprobs`).
     """
     rows = self._encode(prompts)
     sampling.validate()
@@ -336,11 +389,13 @@ class Sampler:
     cache_len = _round_up(max(cache_len or 0, needed), CACHE_MULTIPLE)
     with self._context():
       state = _empty_state(self.graphdef, self.params, jax.random.key(seed),
-                           batch=batch, cache_len=cache_len)
+                           batch=batch, cache_len=cache_len,
+                           per_layer=self.per_layer)
     resume = np.arange(batch) < len(rows)
     return self._run(state, tokens, segments, resume, len(rows),
                      max_new_tokens, sampling, stop_tokens, stop_strings,
-                     interrupt_tokens, chunk_size, on_chunk)
+                     interrupt_tokens, chunk_size, on_chunk,
+                     processed_logprobs)
 
   def resume(self, previous: Generation, appended: Sequence[Sequence[int]],
              max_new_tokens: int, sampling: SamplingParams = SamplingParams(),
@@ -349,8 +404,8 @@ class Sampler:
              interrupt_tokens: Sequence[int] = (),
              rows: Sequence[int] | None = None,
              chunk_size: int | None = None,
-             on_chunk: Callable[[list[list[int]]], None] | None = None
-             ) -> Generation:
+             on_chunk: Callable[[list[list[int]]], None] | None = None,
+             processed_logprobs: bool = False) -> Generation:
     """Appends `appended[i]` (token ids, may be empty) to row i after its
     last generated token, and continues decoding from the cache.
 
@@ -376,11 +431,11 @@ class Sampler:
       state = _grow_cache(state, _round_up(needed, CACHE_MULTIPLE))
     return self._run(state, tokens, segments, resume, n, max_new_tokens,
                      sampling, stop_tokens, stop_strings, interrupt_tokens,
-                     chunk_size, on_chunk)
+                     chunk_size, on_chunk, processed_logprobs)
 
   def _run(self, state, tokens, segments, resume, num_rows, max_new_tokens,
            sampling, stop_tokens, stop_strings, interrupt_tokens, chunk_size,
-           on_chunk) -> Generation:
+           on_chunk, processed_logprobs) -> Generation:
     if stop_strings and self.tokenizer is None:
       raise ValueError("stop_strings need Sampler(tokenizer=...)")
     if chunk_size is None:
@@ -388,10 +443,11 @@ class Sampler:
     if chunk_size < 1:
       raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     static = dict(sampling=sampling, pad_id=self.pad_id,
+                  processed=bool(processed_logprobs),
                   stop_ids=tuple(int(t) for t in stop_tokens),
                   interrupt_ids=tuple(int(t) for t in interrupt_tokens))
     with self._context():
-      state = _extend(self.graphdef, self.params, state,
+      state = _extend(self.graphdef, self.params, self._layer_params(), state,
                       self._put(tokens, ("act_batch", None)),
                       self._put(segments, ("act_batch", None)),
                       self._put(resume, ("act_batch",)),
@@ -401,7 +457,8 @@ class Sampler:
       step = 0
       while True:
         step = min(step + chunk_size, max_new_tokens)
-        state = _decode(self.graphdef, self.params, state, step, **static)
+        state = _decode(self.graphdef, self.params, self._layer_params(),
+                        state, step, **static)
         if step >= max_new_tokens and not (stop_strings or on_chunk):
           break
         if not (stop_strings or on_chunk):
@@ -433,11 +490,12 @@ class Sampler:
           seen = np.asarray(lengths[:num_rows], np.int64)
         if step >= max_new_tokens or not active.any():
           break
-    return self._finish(state, num_rows, cut)
+    return self._finish(state, num_rows, cut, processed_logprobs)
 
-  def _finish(self, state, num_rows, cut) -> Generation:
+  def _finish(self, state, num_rows, cut, processed) -> Generation:
     out = np.asarray(state.tokens)
     logprobs = np.asarray(state.logprobs)
+    drawn = np.asarray(state.processed) if processed else None
     lengths = np.array(state.lengths)
     reasons = np.array(state.stop_reason)
     active = np.asarray(state.active)
@@ -458,7 +516,9 @@ class Sampler:
         tokens=tokens,
         logprobs=[logprobs[i, :lengths[i]] for i in range(num_rows)],
         stop_reasons=[REASONS[int(r)] for r in reasons[:num_rows]],
-        texts=texts, state=state, num_rows=num_rows)
+        texts=texts, state=state, num_rows=num_rows,
+        processed_logprobs=None if drawn is None else [
+            drawn[i, :lengths[i]] for i in range(num_rows)])
 
 
 def check_sampling_flags(temperature: float, top_k: int, top_p: float

@@ -69,6 +69,25 @@ def sample(logits: jax.Array, rng: jax.Array,
                                 axis=-1).astype(jnp.int32)
 
 
+def sample_and_score(logits: jax.Array, rng: jax.Array, params: SamplingParams,
+                     processed: bool = False
+                     ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+  """`sample`, plus each token's log-probability under the model's softmax
+  (`token_logprobs`) and, with `processed`, under the distribution it was
+  actually drawn from (temperature, top-k, top-p applied; 0 when greedy,
+  which puts all mass on the argmax), else None. The filtering runs once for
+  both, and the draw is the one `sample` makes with the same key."""
+  logits = logits.astype(jnp.float32)
+  if params.greedy:
+    tokens = sample(logits, rng, params)
+    drawn = jnp.zeros(tokens.shape, jnp.float32) if processed else None
+  else:
+    filtered = filter_logits(logits, params)
+    tokens = jax.random.categorical(rng, filtered, axis=-1).astype(jnp.int32)
+    drawn = token_logprobs(filtered, tokens) if processed else None
+  return tokens, token_logprobs(logits, tokens), drawn
+
+
 def token_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
   """log softmax(logits)[token]: under the model's own distribution (no
   temperature, no filtering), which is what PPO's ratios need."""

@@ -46,22 +46,24 @@ def attention_mask(q_segments: jax.Array, k_segments: jax.Array,
   return same & allowed
 
 
-def xla_attention(q, k, v, mask, bias=None):
+def xla_attention(q, k, v, mask, bias=None, layouts=("bskd", "bskd")):
   """Reference path: plain einsums, scores and softmax in float32.
 
-  q [B,T,H,D], k/v [B,S,KV,D] with H a multiple of KV (GQA shares each K/V
+  q [B,T,H,D], k/v [B,S,KV,D] (or as `layouts` says, e.g. "bksd" for the
+  sampler's cache) with H a multiple of KV (GQA shares each K/V
   head across H/KV query heads), mask [B,T,S], bias [B,H,T,S] or None.
   """
   b, t, h, d = q.shape
-  kv = k.shape[2]
+  k_layout, v_layout = layouts
+  kv = k.shape[k_layout.index("k")]
   q = q.reshape(b, t, kv, h // kv, d)
-  scores = jnp.einsum("btkgd,bskd->bkgts", q, k,
+  scores = jnp.einsum(f"btkgd,{k_layout}->bkgts", q, k,
                       preferred_element_type=jnp.float32) / math.sqrt(d)
   if bias is not None:
     scores = scores + bias.reshape(b, kv, h // kv, t, -1)
   scores = jnp.where(mask[:, None, None], scores, MASK_VALUE)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+  out = jnp.einsum(f"bkgts,{v_layout}->btkgd", probs, v)
   return out.reshape(b, t, h, d)
 
 
@@ -232,22 +234,33 @@ class KVCache:
   `segment_ids` (0 = empty slot), `positions` and `prefix` describe each slot
   so that masks and ALiBi work on cached keys; `index` is the next free slot.
   """
-  k: jax.Array  # [L, B, S, KV, D]
+  k: jax.Array  # [L, B, S, KV, D]; per_layer: L arrays [B, KV, S, D]
   v: jax.Array
   segment_ids: jax.Array  # [B, S] int32
   positions: jax.Array  # [B, S] int32
   prefix: jax.Array  # [B, S] bool
   index: jax.Array  # int32 scalar
+  # The sampler's layout (Decoder(..., layers=) only): one array per layer,
+  # heads before slots, as the attention's dots read them. XLA on CPU would
+  # otherwise copy each layer's whole cache on every decode step, out of the
+  # stacked array and into that layout (about half of a batch-8 step).
+  per_layer: bool = flax.struct.field(pytree_node=False, default=False)
 
   @classmethod
-  def create(cls, cfg: ModelConfig, batch: int, max_len: int) -> "KVCache":
-    shape = (cfg.num_layers, batch, max_len, cfg.kv_heads, cfg.head_size)
-    zeros = jnp.zeros(shape, cfg.compute_dtype)
-    return cls(k=zeros, v=zeros,
+  def create(cls, cfg: ModelConfig, batch: int, max_len: int,
+             per_layer: bool = False) -> "KVCache":
+    if per_layer:
+      shape = (batch, cfg.kv_heads, max_len, cfg.head_size)
+      k, v = (tuple(jnp.zeros(shape, cfg.compute_dtype)
+                    for _ in range(cfg.num_layers)) for _ in range(2))
+    else:
+      shape = (cfg.num_layers, batch, max_len, cfg.kv_heads, cfg.head_size)
+      k = v = jnp.zeros(shape, cfg.compute_dtype)
+    return cls(k=k, v=v,
                segment_ids=jnp.zeros((batch, max_len), jnp.int32),
                positions=jnp.zeros((batch, max_len), jnp.int32),
                prefix=jnp.zeros((batch, max_len), bool),
-               index=jnp.zeros((), jnp.int32))
+               index=jnp.zeros((), jnp.int32), per_layer=per_layer)
 
   @property
   def max_len(self) -> int:
@@ -284,7 +297,13 @@ class Attention(nnx.Module):
   def __call__(self, x, positions, segment_ids, mask, bias, layer_cache=None,
                cache_index=None, has_prefix=False,
                peft_inputs: LayerInputs | None = None):
-    """x [B,T,E] -> ([B,T,E], updated (k, v) of this layer or None).
+    """x [B,T,E] -> ([B,T,E], updated layer_cache or None).
+
+    layer_cache: (k, v, layer): every layer's cache [L, B, S, KV, D] and this
+    layer's index (an int or a traced scalar), or with layer None this
+    layer's own cache [B, KV, S, D] (KVCache.per_layer). The T new keys and
+    values are written in place at slot `cache_index`; only this layer's
+    slice is read.
 
     peft_inputs (PEFT only): keys and values to put before the sequence's
     (prefix, prompt and P-tuning; `mask` and `bias` already cover them) and
@@ -305,20 +324,32 @@ class Attention(nnx.Module):
       q = apply_rope(q, positions, inv_freq)
       k = apply_rope(k, positions, inv_freq)
 
+    heads_major = False
     if layer_cache is not None:
-      at = (0, cache_index, 0, 0)
-      k = jax.lax.dynamic_update_slice(layer_cache[0], k.astype(
-          layer_cache[0].dtype), at)
-      v = jax.lax.dynamic_update_slice(layer_cache[1], v.astype(
-          layer_cache[1].dtype), at)
-      layer_cache = (k, v)
-      k, v = k.astype(dt), v.astype(dt)
+      k_all, v_all, layer = layer_cache
+      put = lambda c, x, at: jax.lax.dynamic_update_slice(
+          c, x.astype(c.dtype), at)
+      if layer is None:  # this layer's alone, [B, KV, S, D]
+        heads_major = True
+        at = (0, 0, cache_index, 0)
+        k_all = put(k_all, jnp.swapaxes(k, 1, 2), at)
+        v_all = put(v_all, jnp.swapaxes(v, 1, 2), at)
+        k, v = k_all.astype(dt), v_all.astype(dt)
+      else:
+        at = (layer, 0, cache_index, 0, 0)
+        k_all, v_all = put(k_all, k[None], at), put(v_all, v[None], at)
+        k, v = k_all[layer].astype(dt), v_all[layer].astype(dt)
+      layer_cache = (k_all, v_all, layer)
     if peft_inputs is not None:
+      if heads_major:
+        k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+        heads_major = False
       k, v = peft_inputs.prepend(k, v)
 
     if layer_cache is not None:
       # Decoding is memory-bound: the reference path over the whole cache.
-      out = xla_attention(q, k, v, mask, bias)
+      out = xla_attention(q, k, v, mask, bias, layouts=(
+          ("bksd", "bksd") if heads_major else ("bskd", "bskd")))
     elif cfg.attention_backend == "xla" and cfg.custom_vjp:
       out = custom_vjp_attention(q, k, v, mask, bias)
     elif cfg.attention_backend == "xla":

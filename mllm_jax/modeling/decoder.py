@@ -92,7 +92,8 @@ class Decoder(nnx.Module):
                segment_ids: jax.Array | None = None,
                prefix_mask: jax.Array | None = None,
                cache: KVCache | None = None,
-               embeddings: jax.Array | None = None):
+               embeddings: jax.Array | None = None,
+               layers: list[nnx.State] | None = None):
     """Runs the decoder on tokens [B, T] (or their embeddings).
 
     positions: [B, T] ids for RoPE/ALiBi (default 0..T-1).
@@ -102,10 +103,11 @@ class Decoder(nnx.Module):
     embeddings: [B, T, D] input embeddings used instead of embedding
       `tokens` (which may then be None): the multimodal model splices image
       features into `embed_tokens(tokens)` and passes the result here.
+    layers: see `hidden_states`.
     Returns logits [B, T, V] (float32), or (logits, cache) with a cache.
     """
     x, cache = self.hidden_states(tokens, positions, segment_ids, prefix_mask,
-                                  cache, embeddings)
+                                  cache, embeddings, layers)
     logits = jnp.einsum("btd,dv->btv", x, self.head_weight(),
                         preferred_element_type=jnp.float32)
     logits = constrain(logits, ("act_batch", "act_length", "act_vocab"))
@@ -128,9 +130,14 @@ class Decoder(nnx.Module):
                     segment_ids: jax.Array | None = None,
                     prefix_mask: jax.Array | None = None,
                     cache: KVCache | None = None,
-                    embeddings: jax.Array | None = None):
+                    embeddings: jax.Array | None = None,
+                    layers: list[nnx.State] | None = None):
     """`__call__` up to the final norm: ([B, T, D] in the compute dtype,
-    the updated cache or None)."""
+    the updated cache or None).
+
+    layers: `layer_states()` to run the blocks one by one with those
+      arrays instead of scanning the stacked ones (same function).
+    """
     cfg = self.cfg
     if embeddings is None:
       b, t = tokens.shape
@@ -173,20 +180,53 @@ class Decoder(nnx.Module):
     graphdef, block_state = nnx.split(self.blocks)
     cache_index = None if cache is None else cache.index
 
-    def layer(x, scanned):
-      state, layer_cache, layer_peft = scanned
+    # The cache travels whole in the carry and each layer writes its slice in
+    # place (as scan outputs, every step would copy all of it).
+    def layer(carry, scanned):
+      x, kv = carry
+      state, layer_peft, index = scanned
       block = nnx.merge(graphdef, state)
-      return block(x, positions, segment_ids, mask, bias, layer_cache,
-                   cache_index, has_prefix, layer_peft)
+      layer_cache = None if kv is None else (*kv, index)
+      x, layer_cache = block(x, positions, segment_ids, mask, bias,
+                             layer_cache, cache_index, has_prefix, layer_peft)
+      return (x, None if kv is None else layer_cache[:2]), None
 
     use_remat, policy = remat_policy(cfg.remat)
-    if use_remat:
-      layer = jax.checkpoint(layer, policy=policy, prevent_cse=False)
-    layer_caches = None if cache is None else (cache.k, cache.v)
-    x, new_kv = jax.lax.scan(layer, x, (block_state, layer_caches, peft_inputs),
-                             unroll=min(cfg.scan_unroll, cfg.num_layers))
+    scan_layer = (jax.checkpoint(layer, policy=policy, prevent_cse=False)
+                  if use_remat else layer)
+    carry = (x, None if cache is None else (cache.k, cache.v))
+    per_layer = cache is not None and cache.per_layer
+    if layers is None:
+      if per_layer:
+        raise ValueError("a per-layer KVCache needs layers=layer_states()")
+      scanned = (block_state, peft_inputs, jnp.arange(cfg.num_layers))
+      carry, _ = jax.lax.scan(scan_layer, carry, scanned,
+                              unroll=min(cfg.scan_unroll, cfg.num_layers))
+    else:  # One traced copy per layer, each reading its own arrays.
+      for i, state in enumerate(layers):
+        layer_peft = jax.tree.map(lambda a, i=i: a[i], peft_inputs)
+        if per_layer:
+          x, (ks, vs) = carry
+          (x, (k, v)), _ = layer((x, (ks[i], vs[i])), (state, layer_peft,
+                                                       None))
+          carry = (x, (ks[:i] + (k,) + ks[i + 1:], vs[:i] + (v,) + vs[i + 1:]))
+        else:
+          carry, _ = layer(carry, (state, layer_peft, i))
+    x, kv = carry
 
     x = self.final_norm(x)
     if cache is not None:
-      cache = cache.replace(k=new_kv[0], v=new_kv[1], index=cache.index + t)
+      cache = cache.replace(k=kv[0], v=kv[1], index=cache.index + t)
     return x, cache
+
+  def layer_states(self) -> list[nnx.State]:
+    """Each block's parameters as separate arrays, for `layers=`.
+
+    Under jit this slices every stacked parameter once (a copy of the block
+    weights). Worth it in a loop of small steps (decoding): inside a scan,
+    XLA on CPU copies each layer's weights out of the stacked arrays on every
+    iteration before the matmuls read them, tripling the weight traffic.
+    """
+    state = nnx.state(self.blocks)
+    return [jax.tree.map(lambda a, i=i: a[i], state)
+            for i in range(self.cfg.num_layers)]

@@ -19,8 +19,9 @@ Design
     string. (A per-token `io_callback` would stream each token but force a
     host sync every step, which costs more than the step itself on small
     models.)
-  * The decode loop streams the weights once per step and copies nothing
-    else of size (docs/benchmarks_decode.md has the profile): the blocks run
+  * A decode step streams the weights once and copies neither weights nor
+    (at batch > 1) the cache (docs/benchmarks_decode.md has the profile;
+    at batch 1 XLA still copies each layer's cache once): the blocks run
     one by one on per-layer weights split once per Sampler (a second copy of
     the block weights while it lives), and the cache is one array per layer
     laid out heads-major, as the attention's dots read it

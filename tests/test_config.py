@@ -101,7 +101,9 @@ IMPORT_EVERY_CONFIG = textwrap.dedent("""
     from mllm_jax.train.config import OptimizerConfig, TrainConfig
 
     # Presets of modules whose get_config names one (default: PRESETS).
-    NAMES = {"configs.mixtures": ("llama", "shakespeare")}
+    NAMES = {"configs.mixtures": ("llama", "shakespeare"),
+             "configs.vision": tuple(__import__(
+                 "configs.vision", fromlist=["_"]).VISION_PRESETS)}
     SECTIONS = {"model": ModelConfig, "parallel": ParallelConfig,
                 "optimizer": OptimizerConfig, "train": TrainConfig}
     called = {}

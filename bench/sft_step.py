@@ -115,19 +115,21 @@ def peak_rss_mb() -> float:
 # ----------------------------------------------------------------------------
 
 
-def peer_python() -> str:
-  """The TRL venv's python, made (or re-made when the pins change) here."""
-  python = os.path.join(PEER_VENV, "bin", "python")
-  stamp = os.path.join(PEER_VENV, "bench-pins.txt")
-  want = "\n".join(PEER_PINS) + "\n"
+def peer_python(venv: str = PEER_VENV, pins: tuple[str, ...] = PEER_PINS
+                ) -> str:
+  """The peers' venv's python (TRL's by default; another bench passes its
+  own folder and pins), made (or re-made when the pins change) here."""
+  python = os.path.join(venv, "bin", "python")
+  stamp = os.path.join(venv, "bench-pins.txt")
+  want = "\n".join(pins) + "\n"
   if os.path.exists(python) and os.path.exists(stamp):
     with open(stamp) as f:
       if f.read() == want:
         return python
-  log(f"making {PEER_VENV} with {' '.join(PEER_PINS)} (about a minute)")
-  subprocess.run([sys.executable, "-m", "venv", "--clear", PEER_VENV],
+  log(f"making {venv} with {' '.join(pins)} (about a minute)")
+  subprocess.run([sys.executable, "-m", "venv", "--clear", venv],
                  check=True)
-  subprocess.run([python, "-m", "pip", "install", "-q", *PEER_PINS],
+  subprocess.run([python, "-m", "pip", "install", "-q", *pins],
                  check=True)
   with open(stamp, "w") as f:
     f.write(want)

@@ -21,6 +21,10 @@ Round N writes DIR/round_NNN/:
   reward/             launch.reward fine-tuning the reward model of record
                       (its head kept) on the old comparisons
                       (config.comparisons) plus every round's new ones so far
+  reward_compared.json  pair accuracy of the reward model of record and of
+                      the retrained one on the same held-out comparisons
+                      (the old ones and every round's new ones), scored
+                      the same way, overall and per source
   ppo/                launch.ppo from the best policy against that new
                       reward model (the KL reference is the round's start)
   summary.json        the round's numbers
@@ -549,21 +553,29 @@ def run_stage(binary: str, args: Sequence[str], log_path: str,
              f"command to resume")
 
 
+def comparison_files(s: Settings, round_dirs: Sequence[str], part: str
+                     ) -> list[str]:
+  """Every round's new comparisons so far (newest first), then the old
+  ones: part "train" or "eval"."""
+  new = [os.path.join(d, f"comparisons_{part}.jsonl")
+         for d in reversed(round_dirs)]
+  return [f for f in new if os.path.getsize(f)] + list(
+      s.old_train if part == "train" else s.old_eval)
+
+
 def reward_args(s: Settings, round_dir: str, rm_of_record: str,
                 fmt_name: str, round_dirs: Sequence[str]) -> list[str]:
   """Fine-tune the reward model of record on old plus every round's new
-  comparisons (newest first, so a data.eval_comparisons limit keeps the
-  new held-out ones)."""
-  new = lambda part: [os.path.join(d, f"comparisons_{part}.jsonl")
-                      for d in reversed(round_dirs)]
-  evals = [f for f in new("eval") if os.path.getsize(f)] + list(s.old_eval)
-  trains = new("train") + list(s.old_train)
+  comparisons, held out: all of the old and new held-out ones."""
+  evals = comparison_files(s, round_dirs, "eval")
   args = [f"--config={s.reward_config}",
           f"--workdir={os.path.join(round_dir, 'reward')}",
           f"--config.init_checkpoint={rm_of_record}",
-          f"--config.data.train_files={','.join(trains)}",
+          "--config.data.train_files="
+          + ",".join(comparison_files(s, round_dirs, "train")),
           f"--config.data.format={fmt_name}",
-          f"--config.data.max_responses={s.reward_max_responses}"]
+          f"--config.data.max_responses={s.reward_max_responses}",
+          "--config.data.eval_comparisons=0"]
   if evals:
     args.append(f"--config.data.eval_files={','.join(evals)}")
   return args + list(s.reward_args)
@@ -585,6 +597,34 @@ def ppo_args(s: Settings, round_dir: str, policy: str, fmt_name: str
 # ----------------------------------------------------------------------------
 
 
+def compare_reward_models(before: str, after: str, files: Sequence[str]
+                          ) -> dict[str, Any] | None:
+  """Pair accuracy of the reward model of record (`before`) and of the
+  retrained one (`after`) on the same held-out comparisons, scored the
+  same way (a tie counts as wrong), overall and per source."""
+  if not files:
+    return None
+  held_out = cmp.read_comparisons(list(files))
+  k = max(c.k for c in held_out)
+  old, new = (model_scores(rm_dir, held_out, k)[0] for rm_dir in (before,
+                                                                 after))
+  counts: dict[str, np.ndarray] = {}  # group -> [pairs, right before, after]
+  for c, o, n in zip(held_out, old, new):
+    if o is None or n is None:
+      continue
+    pair_counts = np.array([len(c.pairs()),
+                            sum(o[b] > o[w] for b, w in c.pairs()),
+                            sum(n[b] > n[w] for b, w in c.pairs())])
+    for group in ("all", c.source):
+      counts[group] = counts.get(group, 0) + pair_counts
+  if not counts:
+    return None
+  per = {g: {"pairs": int(x[0]), "before": x[1] / x[0], "after": x[2] / x[0]}
+         for g, x in counts.items()}
+  return {**per.pop("all"), "before_model": before, "after_model": after,
+          "per_source": per}
+
+
 def round_summary(round_index: int, round_dir: str, policy: str,
                   rm_of_record: str, sampled: dict, labelled: dict
                   ) -> dict[str, Any]:
@@ -592,7 +632,6 @@ def round_summary(round_index: int, round_dir: str, policy: str,
   ppo = _read_json(os.path.join(round_dir, "ppo", "summary.json"))
   kls = [r["kl"] for r in map(json.loads, open(os.path.join(
       round_dir, "ppo", "metrics.jsonl"))) if "kl" in r]
-  held = reward["held_out"]
   before, after = ppo["before"]["reward"], ppo["after"]["reward"]
   improved = after > before
   return {
@@ -605,12 +644,8 @@ def round_summary(round_index: int, round_dir: str, policy: str,
       "reward_model": {
           "dir": os.path.join(round_dir, "reward", "reward_model"),
           "train_comparisons": reward["train_data"]["notes"].get("encoded"),
-          "held_out_accuracy": held["all"]["accuracy"],
-          "held_out_pairs": held["all"]["pairs"],
-          "held_out_longer_is_better": held["all"]["longer_is_better"],
-          "held_out_per_source": {k: {"accuracy": v["accuracy"],
-                                      "pairs": v["pairs"]}
-                                  for k, v in held.items() if k != "all"}},
+          "held_out": _read_json(os.path.join(round_dir,
+                                              "reward_compared.json"))},
       "ppo": {"reward_before": before, "reward_after": after,
               "ended_before": ppo["before"]["ended"],
               "ended_after": ppo["after"]["ended"],
@@ -627,15 +662,22 @@ def round_summary(round_index: int, round_dir: str, policy: str,
               "per reply against the round's starting policy"}
 
 
+def _accuracy(held_out: dict | None) -> str:
+  if held_out is None:
+    return "no held-out comparisons"
+  return (f"{held_out['before']:.3f} -> {held_out['after']:.3f} "
+          f"({held_out['pairs']} pairs)")
+
+
 def print_table(rounds: Sequence[dict]) -> None:
   print("round  labeller      new cmp (train/eval)  RM held-out acc "
-        "(pairs)  PPO reward before -> after  KL(last)  best policy",
+        "before -> after  PPO reward before -> after  KL(last)  best policy",
         flush=True)
   for r in rounds:
     rm, ppo, new = r["reward_model"], r["ppo"], r["new_comparisons"]
     print(f"{r['round']:>5}  {r['labeller']:<12}  "
           f"{new['train']:>8} / {new['eval']:<8}  "
-          f"{rm['held_out_accuracy']:>14.3f} ({rm['held_out_pairs']})  "
+          f"{_accuracy(rm['held_out']):>24}  "
           f"{ppo['reward_before']:>12.3f} -> {ppo['reward_after']:<8.3f}  "
           f"{ppo['kl_last_iteration'] or 0:>8.4f}  "
           f"{'PPO model' if r['policy_improved'] else 'kept start'}",
@@ -730,6 +772,13 @@ def run_round(s: Settings, r: int, round_dir: str, policy: str,
         f"{labelled['labeller']} {details}; {labelled['note']}", flush=True)
   stage_step(s, r, round_dir, "reward",
              reward_args(s, round_dir, rm_of_record, fmt_name, round_dirs))
+  compared = os.path.join(round_dir, "reward_compared.json")
+  if not os.path.exists(compared):
+    print(f"round {r}: scoring the held-out comparisons with the reward "
+          f"model of record and the retrained one", flush=True)
+    _write_json(compared, compare_reward_models(
+        rm_of_record, os.path.join(round_dir, "reward", "reward_model"),
+        comparison_files(s, round_dirs, "eval")))
   stage_step(s, r, round_dir, "ppo", ppo_args(s, round_dir, policy, fmt_name))
   return round_summary(r, round_dir, policy, rm_of_record, sampled, labelled)
 
@@ -742,7 +791,8 @@ def main(argv):
   try:
     s = settings(config)
     check_same_run(workdir, config)
-    fmt_name = s.format or reward_lib.read_info(s.reward_model).get("format", "")
+    fmt_name = s.format or reward_lib.read_info(s.reward_model).get(
+        "format", "")
     check(bool(fmt_name), "format", "the reward model records no chat "
           "format; name one")
   except ConfigError as e:
@@ -775,8 +825,9 @@ def main(argv):
         "note": "comparisons ranked by a model are NOT human preferences; "
                 "see each round's labels.note"})
     rm, ppo = summary["reward_model"], summary["ppo"]
-    print(f"round {r}: reward model held-out accuracy "
-          f"{rm['held_out_accuracy']:.3f} over {rm['held_out_pairs']} pairs; "
+    print(f"round {r}: reward model held-out pair accuracy "
+          f"{_accuracy(rm['held_out'])} (the reward model of record -> "
+          f"retrained); "
           f"PPO held-out reward {ppo['reward_before']:.3f} -> "
           f"{ppo['reward_after']:.3f}, KL {ppo['kl_last_iteration']:.4f} "
           f"(last iteration); best policy now {policy}. "

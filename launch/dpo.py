@@ -30,13 +30,13 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from launch.flags import start_process
-from mllm_jax.configlib import ConfigError, check, from_config
+from mllm_jax.configlib import ConfigError, from_config
 from mllm_jax.convert import native
-from mllm_jax.data import chat, readers
-from mllm_jax.data import comparison_sources as sources_lib
-from mllm_jax.data import comparisons as cmp
+from mllm_jax.data import chat
 from mllm_jax.data.config import ComparisonDataConfig
 from mllm_jax.rl import dpo
+from mllm_jax.rl.comparison_data import (NOTE, comparison_batches,
+                                         encode_split, read_splits)
 from mllm_jax.train.finetune import load_result, save_result, stage_configs
 from mllm_jax.train.metrics import console
 from mllm_jax.train.trainer import train
@@ -53,63 +53,11 @@ REF_EVAL_FILE = "ref_eval_logps.npz"  # ... on the held-out ones
 REF_CHUNK = 64  # comparisons scored between saves of the cache
 
 
-def read_data(data: ComparisonDataConfig):
-  """(train, held-out) comparisons and their read statistics; a prompt
-  never on both sides (a train record whose prompt is held out is
-  dropped, counted)."""
-  train_stats, eval_stats = chat.ChatStats(), chat.ChatStats()
-  if data.train_files:
-    train_set = cmp.read_comparisons(data.train_files, train_stats)
-    if data.eval_files:
-      held_out = cmp.read_comparisons(data.eval_files, eval_stats)
-    else:
-      train_set, held_out = cmp.split_by_prompt(train_set, data.eval_fraction,
-                                                data.seed)
-  else:
-    built, counts = sources_lib.build(list(data.sources),
-                                      data.limit_per_source, data.seed)
-    train_stats.notes.update({f"built_{k}": v for k, v in counts.items()})
-    train_set, held_out = cmp.split_by_prompt(built, data.eval_fraction,
-                                              data.seed)
-  held_prompts = {c.prompt_key() for c in held_out}
-  kept = []
-  for c in train_set:
-    if c.prompt_key() in held_prompts:
-      train_stats.add(readers.Drop("prompt_in_eval", c.id))
-    else:
-      kept.append(c)
-  return kept, held_out, train_stats, eval_stats
-
-
-def encode(comparisons, tokenizer, fmt, seq_len: int, k: int, limit: int,
-           stats: chat.ChatStats, what: str):
-  """Comparisons with at most K responses, encoded; the first `limit`."""
-  fitting = []
-  for c in comparisons:
-    if c.k > k:
-      stats.add(readers.Drop("too_many_responses", f"{c.id}: {c.k} > "
-                             f"data.max_responses={k}"))
-    else:
-      fitting.append(c)
-  kept, encoded = cmp.encode_all(fitting, tokenizer, fmt, seq_len + 1,
-                                 stats=stats)
-  if limit:
-    kept, encoded = kept[:limit], encoded[:limit]
-  summary = stats.summary()
-  check(bool(kept), f"data.{what}_files",
-        f"no usable {what} comparison ({summary})")
-  console(f"{what}: {len(kept):,} comparisons ({sum(c.k for c in kept):,} "
-          f"responses, {sum(len(c.pairs()) for c in kept):,} pairs) per "
-          f"source {sources_lib.per_source(kept)}; dropped "
-          f"{summary['dropped'] or 'none'}; NOT human preferences")
-  return kept, encoded, summary
-
-
 def batches(kept, encoded, per_batch: int, k: int, seq_len: int, **kwargs):
-  """Grouped batches of these comparisons, in order, one pass."""
-  return dpo.DPOBatches(cmp.ComparisonIterator(
-      encoded, [c.ranking for c in kept], comparisons_per_batch=per_batch,
-      max_responses=k, seq_len=seq_len, **kwargs))
+  """DPO batches of these comparisons (one pass in order unless kwargs
+  say otherwise)."""
+  return dpo.DPOBatches(comparison_batches(kept, encoded, per_batch, k,
+                                           seq_len, **kwargs))
 
 
 def fingerprint(init_checkpoint: str, encoded) -> str:
@@ -183,11 +131,11 @@ def main(argv):
                         trainable=train_cfg.trainable, seed=config.seed)
 
     # ---------------------------------------------------------------- data
-    train_set, held_out, train_stats, eval_stats = read_data(data)
-    kept, encoded, train_summary = encode(
+    train_set, held_out, train_stats, eval_stats = read_splits(data)
+    kept, encoded, train_summary = encode_split(
         train_set, tokenizer, fmt, seq_len, k, data.max_comparisons,
         train_stats, "train")
-    eval_kept, eval_encoded, eval_summary = encode(
+    eval_kept, eval_encoded, eval_summary = encode_split(
         held_out, tokenizer, fmt, seq_len, k, data.eval_comparisons,
         eval_stats, "eval")
   except (ConfigError, ValueError, FileNotFoundError) as e:
@@ -232,7 +180,7 @@ def main(argv):
   after = dpo.heldout_report(eval_kept, after_logps, ref_eval, dpo_cfg.beta)
   if jax.process_index() == 0:
     summary = {
-        "note": "comparisons built from real data are NOT human preferences",
+        "note": NOTE,
         "base": config.init_checkpoint, "format": fmt.name,
         "peft": peft_cfg.method, "dpo": config.dpo.to_dict(),
         "train_data": train_summary, "eval_data": eval_summary,

@@ -178,8 +178,17 @@ def test_encoding_trains_only_the_last_response(sp):
   assert stats.summary()["dropped"]["equal_after_encoding"] == 1
   # The reward model's end-of-context token: appended, never trained.
   eoc = cmp.encode_comparison(c, sp, fmt, None, end_of_context_id=7)
-  assert eoc[0]["ids"][-1] == 7 and eoc[0]["weights"][-1] == 0
-  assert np.array_equal(eoc[0]["ids"][:-1], full[0]["ids"])
+  # It is followed by a filler so that after the shift into inputs and
+  # targets it is the last real input, where the score is read.
+  assert list(eoc[0]["ids"][-2:]) == [7, 7]
+  assert not eoc[0]["weights"][-2:].any()
+  assert np.array_equal(eoc[0]["ids"][:-2], full[0]["ids"])
+  rows = cmp.ComparisonIterator([eoc], [c.ranking], comparisons_per_batch=1,
+                                max_responses=c.k, seq_len=128)
+  batch = next(rows)
+  last = batch["segment_ids"][0].nonzero()[0][-1]
+  assert batch["inputs"][0, last] == 7
+  assert np.array_equal(batch["inputs"][0, :last], full[0]["ids"])
 
 
 def test_pad_equal_to_eos_keeps_the_end_of_turn_real(tmp_path):

@@ -442,14 +442,18 @@ def encode_response(comparison: Comparison, response: int,
   the drop reason "response_too_long" when the response alone (with one
   prompt token before it) does not fit `max_len`. A longer example loses
   prompt tokens from the left (after BOS, which is kept); it then also
-  has "prompt_cut", the number of tokens cut."""
+  has "prompt_cut", the number of tokens cut. With end_of_context_id the
+  response ends with that token and one filler copy of it (weight 0)."""
   example = chat.encode(comparison.conversation(response), tokenizer, fmt)
   ids, weights = example["ids"], example["weights"].copy()
   start = _last_trained_span(weights)
   weights[:start] = 0.0
   if end_of_context_id is not None:
-    ids = np.append(ids, np.int32(end_of_context_id))
-    weights = np.append(weights, np.float32(0.0))
+    # The score is read at the end-of-context token, so it must be an
+    # input: a filler after it is its target once ComparisonIterator shifts
+    # (launch.ppo scores prompt + response + end-of-context the same way).
+    ids = np.append(ids, np.int32([end_of_context_id] * 2))
+    weights = np.append(weights, np.float32([0.0, 0.0]))
   if max_len is None or len(ids) <= max_len:
     return {"ids": ids, "weights": weights}
   keep_bos = int(fmt.add_bos and tokenizer.bos_id >= 0 and start > 0

@@ -278,10 +278,9 @@ class Ours:
     from mllm_jax.rl.config import PPOConfig
     from mllm_jax.train.compile import build_program, initial_state
     from mllm_jax.train.finetune import stage_configs
-    from mllm_jax.train.trainer import global_batch
     # pylint: enable=import-outside-toplevel
     self.jax, self.np, self.nnx = jax, np, nnx
-    self.use_mesh, self.global_batch = use_mesh, global_batch
+    self.use_mesh = use_mesh
     self.launch_ppo, self.ppo, self.reward_lib = launch_ppo, ppo, reward_lib
     (model_cfg, parallel, optimizer_cfg, train_cfg, peft_cfg,
      self.tokenizer) = stage_configs(config)
@@ -312,7 +311,6 @@ class Ours:
     self.state, self.frozen = initial_state(self.program, config.seed)
     self.process = launch_ppo.make_process(self.program.graphdef, cfg)
     self.order = launch_ppo.PromptOrder(self.train_prompts, config.data.seed)
-    self.fields = tuple(task.batch_fields)
     self.it = 0
     self.logs = []
 
@@ -390,18 +388,10 @@ class Ours:
           jnp.asarray(rolled.scores), jnp.float32(cfg.kl_coef))
     batch, stats = jax.device_get((batch, stats))
     t2 = time.perf_counter()
-    learn = {}
     with self.use_mesh(self.mesh, self.program.rules):
-      for epoch in range(cfg.epochs):
-        perm = np.random.default_rng([self.seed, self.it, epoch]).permutation(
-            cfg.prompts_per_iteration)
-        for mb in np.split(perm, cfg.minibatches):
-          sub = {k: batch[k][mb] for k in self.fields}
-          self.state, metrics = self.program.step(
-              self.state, self.frozen, self.global_batch(
-                  sub, self.program.batch_sharding, len(mb), self.fields))
-          for k, v in jax.device_get(metrics).items():
-            learn.setdefault(k, []).append(float(v))
+      self.state, learn = self.launch_ppo.learn_from(
+          self.program, self.state, self.frozen, batch, cfg,
+          [self.seed, self.it])
     t3 = time.perf_counter()
     self.it += 1
     self.logs.append({"scores": float(rolled.scores.mean()),

@@ -216,6 +216,33 @@ def make_process(graphdef, cfg: PPOConfig):
   return process
 
 
+def learn_from(program, state, frozen, batch, cfg: PPOConfig, seed,
+               ptx_iter=None):
+  """ppo.epochs passes of ppo.minibatches trainer steps over one
+  iteration's processed rollouts (minibatches drawn by `seed` + epoch; a
+  ptx batch joins each step when ppo.ptx_coef > 0) -> (state, every
+  step's metrics by name). The first step's approx_kl is 0: same weights
+  as the rollout's forward pass."""
+  fields = tuple(program.task.batch_fields)
+  learn: dict[str, list[float]] = {}
+  for epoch in range(cfg.epochs):
+    perm = np.random.default_rng([*seed, epoch]).permutation(
+        cfg.prompts_per_iteration)
+    for mb in np.split(perm, cfg.minibatches):
+      sub = {k: batch[k][mb] for k in ppo.ROLLOUT_FIELDS}
+      if ptx_iter is not None and cfg.ptx_coef > 0:
+        ptx = next(ptx_iter)
+        sub.update({f"ptx_{k}": ptx[k] for k in
+                    ("inputs", "targets", "loss_weights", "segment_ids",
+                     "positions")})
+      sub = {k: sub[k] for k in fields}
+      state, metrics = program.step(state, frozen, global_batch(
+          sub, program.batch_sharding, len(mb), fields))
+      for k, v in jax.device_get(metrics).items():
+        learn.setdefault(k, []).append(float(v))
+  return state, learn
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -304,7 +331,6 @@ def main(argv):
       ptx_iter.set_state(data_state["ptx"])
     console(f"restored iteration {start} from {workdir}/checkpoints")
   writer = MetricWriter(workdir, resume_step=start)
-  fields = tuple(task.batch_fields)
 
   def policy():
     return nnx.merge(program.graphdef, state["params"], frozen).policy
@@ -354,28 +380,10 @@ def main(argv):
       checkpointer.close()
       sys.exit(f"error: iteration {it + 1}: {problem}")
 
-    learn: dict[str, list[float]] = {}
-    first_ratio_dev = None
     with use_mesh(mesh, program.rules):
-      for epoch in range(cfg.epochs):
-        perm = np.random.default_rng(
-            [config.seed, it, epoch]).permutation(cfg.prompts_per_iteration)
-        for mb in np.split(perm, cfg.minibatches):
-          sub = {k: batch[k][mb] for k in ppo.ROLLOUT_FIELDS}
-          if ptx_iter is not None and cfg.ptx_coef > 0:
-            ptx = next(ptx_iter)
-            sub.update({f"ptx_{k}": ptx[k] for k in
-                        ("inputs", "targets", "loss_weights", "segment_ids",
-                         "positions")})
-          sub = {k: sub[k] for k in fields}
-          state, metrics = program.step(state, frozen, global_batch(
-              sub, program.batch_sharding, len(mb), fields))
-          metrics = jax.device_get(metrics)
-          if first_ratio_dev is None:
-            # Same weights as the rollout's forward pass: ratio 1, KL 0.
-            first_ratio_dev = float(metrics["approx_kl"])
-          for k, v in metrics.items():
-            learn.setdefault(k, []).append(float(v))
+      state, learn = learn_from(program, state, frozen, batch, cfg,
+                                [config.seed, it], ptx_iter)
+    first_ratio_dev = learn["approx_kl"][0]
     t3 = time.perf_counter()
     beta = kl_control.beta
     kl_control.update(mean_kl, cfg.prompts_per_iteration)

@@ -13,6 +13,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -135,6 +136,50 @@ def test_first_minibatch_ratio_is_one_for_left_and_right_padding(peft,
   assert float(sums["approx_kl"]) == 0.0
   assert float(sums["clip_fraction"]) == 0.0
   assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+
+
+def test_ptx_adds_the_gradient_of_the_pretraining_loss():
+  """PPO-ptx: the loss with ptx_coef = c has the gradient of the loss
+  without it plus c * (response tokens) * the gradient of the mean
+  language-model loss on the ptx rows, computed here from the logits."""
+  model = _model()
+  prompts, responses = [[1, 5, 9], [1, 7]], [[11, 12, 2], [21, 22, 23]]
+  rows = ppo.rollout_rows(prompts, responses, 3, 3, pad_id=2)
+  graphdef, params, frozen = nnx.split(model, ppo.trainable_filter(
+      PeftConfig()), ...)
+  out = ppo.forward(model, {k: jnp.asarray(v) for k, v in rows.items()})
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(3, CFG.vocab_size, size=(2, 9))
+  ptx = {"ptx_inputs": tokens[:, :-1], "ptx_targets": tokens[:, 1:],
+         "ptx_loss_weights": np.ones((2, 8), np.float32),
+         "ptx_segment_ids": np.ones((2, 8), np.int32),
+         "ptx_positions": np.tile(np.arange(8), (2, 1))}
+  batch = {**{k: jnp.asarray(v) for k, v in {**rows, **ptx}.items()},
+           "old_logp": out["logp"], "old_values": out["values"],
+           "advantages": jnp.ones_like(out["logp"]),
+           "returns": out["values"] + 1.0}
+
+  def grads(coef):
+    loss = ppo.ppo_loss(PPOConfig(ptx_coef=coef))
+    return jax.grad(lambda p: loss(nnx.merge(graphdef, p, frozen),
+                                   batch)[0])(params)
+
+  def lm_loss(p):
+    policy = nnx.merge(graphdef, p, frozen).policy
+    logits = policy(batch["ptx_inputs"], batch["ptx_positions"],
+                    batch["ptx_segment_ids"])
+    logp = jax.nn.log_softmax(logits)
+    return -jnp.mean(jnp.take_along_axis(
+        logp, batch["ptx_targets"][..., None], -1))
+
+  n = float(rows["loss_weights"].sum())
+  want = jax.tree.map(lambda a, b: a + 0.5 * n * b, grads(0.0),
+                      jax.grad(lm_loss)(params))
+  got = grads(0.5)
+  assert float(optax.global_norm(jax.grad(lm_loss)(params))) > 0
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=2e-5,
+                               rtol=1e-4)
 
 
 def test_rollout_rows_count_positions_from_the_first_real_token():

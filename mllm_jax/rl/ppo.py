@@ -279,7 +279,8 @@ def ppo_loss(cfg: PPOConfig):
                                         batch["ptx_positions"],
                                         batch["ptx_segment_ids"])
       w = batch["ptx_loss_weights"]
-      _, ce = head_cross_entropy(x, model.policy.head_weight(),
+      # The first output carries the gradient (the second is a metric).
+      ce, _ = head_cross_entropy(x, model.policy.head_weight(),
                                  batch["ptx_targets"], w, 0.0,
                                  model.policy.cfg.loss_chunk_len)
       ptx_mean = ce / jnp.maximum(jnp.sum(w), 1.0)

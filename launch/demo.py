@@ -275,6 +275,13 @@ def sft_stage(workdir: str) -> list[str]:
   return lines
 
 
+def alignment_stage(workdir: str) -> list[str]:
+  """Comparisons built from real data, a reward model, PPO-ptx and DPO,
+  all from the SFT model (launch/demo_alignment.py)."""
+  from launch import demo_alignment  # pylint: disable=g-import-not-at-top
+  return demo_alignment.alignment(workdir, run)
+
+
 BASE_TASKS = {"piqa": 2, "arc_easy": 4}  # task -> choices
 
 
@@ -317,7 +324,8 @@ def base_model(workdir: str) -> list[str]:
 
 STAGES: list[Callable[[str], list[str]]] = [clean_web, tokenize, pretrain,
                                             generate, evaluate, flan_stage,
-                                            sft_stage, base_model]
+                                            sft_stage, alignment_stage,
+                                            base_model]
 
 
 def main(argv):

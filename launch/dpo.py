@@ -35,8 +35,8 @@ from mllm_jax.convert import native
 from mllm_jax.data import chat
 from mllm_jax.data.config import ComparisonDataConfig
 from mllm_jax.rl import dpo
-from mllm_jax.rl.comparison_data import (NOTE, comparison_batches,
-                                         encode_split, read_splits)
+from mllm_jax.rl.comparison_data import (comparison_batches, encode_split,
+                                         provenance, read_splits)
 from mllm_jax.train.finetune import load_result, save_result, stage_configs
 from mllm_jax.train.metrics import console
 from mllm_jax.train.trainer import train
@@ -180,7 +180,7 @@ def main(argv):
   after = dpo.heldout_report(eval_kept, after_logps, ref_eval, dpo_cfg.beta)
   if jax.process_index() == 0:
     summary = {
-        "note": NOTE,
+        "note": provenance(kept),
         "base": config.init_checkpoint, "format": fmt.name,
         "peft": peft_cfg.method, "dpo": config.dpo.to_dict(),
         "train_data": train_summary, "eval_data": eval_summary,

@@ -186,14 +186,22 @@ def rollout(policy, tokenizer, prompts, cfg: PPOConfig, stop_tokens,
 
 def held_out_reward(policy, tokenizer, prompts, cfg, stop_tokens, eoc_id,
                     reward_model, prompt_width, seed) -> dict[str, float]:
-  """Mean reward-model score of greedy replies to held-out prompts, and how
-  many replies end their turn."""
-  out = rollout(policy, tokenizer, prompts, cfg, stop_tokens, eoc_id,
-                reward_model, prompt_width, seed, temperature=0.0)
-  return {"reward": float(out.scores.mean()),
-          "raw_reward": float(out.raw_scores.mean()),
-          "ended": float(out.stopped.mean()),
-          "reply_tokens": float(out.lengths.mean())}
+  """The held-out measure: mean reward (score minus the missing-end
+  penalty), reward-model score, ended rate and reply length of
+  ppo.eval_samples replies per prompt sampled as in training (what PPO
+  optimises; a fixed seed), and the same of one greedy reply per prompt
+  (`greedy_*`), which a tiny policy can lose while its samples gain."""
+  def summary(out, prefix=""):
+    return {prefix + "reward": float(out.scores.mean()),
+            prefix + "raw_reward": float(out.raw_scores.mean()),
+            prefix + "ended": float(out.stopped.mean()),
+            prefix + "reply_tokens": float(out.lengths.mean())}
+  sampled = rollout(policy, tokenizer, list(prompts) * cfg.eval_samples, cfg,
+                    stop_tokens, eoc_id, reward_model, prompt_width, seed,
+                    temperature=cfg.temperature)
+  greedy = rollout(policy, tokenizer, prompts, cfg, stop_tokens, eoc_id,
+                   reward_model, prompt_width, seed, temperature=0.0)
+  return {**summary(sampled), **summary(greedy, "greedy_")}
 
 
 def make_process(graphdef, cfg: PPOConfig):

@@ -36,7 +36,7 @@ from mllm_jax.data import chat
 from mllm_jax.data.config import ComparisonDataConfig
 from mllm_jax.rl import reward as reward_lib
 from mllm_jax.rl.comparison_data import (comparison_batches, encode_split,
-                                         read_splits)
+                                         provenance, read_splits)
 from mllm_jax.train.finetune import stage_configs
 from mllm_jax.train.metrics import console
 from mllm_jax.train.trainer import train
@@ -48,11 +48,6 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory; an existing run there is resumed.")
 flags.mark_flags_as_required(["config", "workdir"])
-
-NOTE = ("comparisons are synthetic pairs built from real data (gold vs "
-        "distractor answers, perturbed solutions and calls, references vs "
-        "model samples), not human preferences")
-
 
 def end_of_context_id(value: str, tokenizer) -> int:
   """The end-of-context token: "eos" or a token the tokenizer has."""
@@ -140,10 +135,11 @@ def main(argv):
       repeat=True, seed=data.seed))
   held_out = [reward_lib.group_batch(b) for b in batches(
       eval_enc, eval_kept, k, seq_len, train_cfg.batch_size)]
+  note = provenance(train_kept)
   console(f"reward model from {config.init_checkpoint} "
           f"({'its head kept' if from_reward_model else 'a new head'}): "
           f"{len(train_kept)} training comparisons, {len(eval_kept)} "
-          f"held out; {NOTE}")
+          f"held out; {note}")
 
   # ------------------------------------------------------------------ train
   last, model = train(task, parallel, optimizer_cfg, train_cfg, config.seed,
@@ -163,14 +159,14 @@ def main(argv):
       os.path.join(workdir, "reward_model"), model, config.init_checkpoint,
       {"end_of_context_id": eoc, "format": fmt.name,
        "normalisation_offset": offset, "init_checkpoint":
-       config.init_checkpoint, "note": NOTE})
+       config.init_checkpoint, "note": note})
   if jax.process_index() == 0:
     summary = {"init_checkpoint": config.init_checkpoint,
                "continued_reward_model": from_reward_model,
                "format": fmt.name, "end_of_context_id": eoc,
                "train_data": train_stats, "eval_data": eval_stats,
                "final_train": last, "held_out": report,
-               "chance_accuracy": 0.5, "note": NOTE}
+               "chance_accuracy": 0.5, "note": note}
     with open(os.path.join(workdir, "summary.json"), "w") as f:
       json.dump(summary, f, indent=2, default=float)
     overall = report["all"]

@@ -13,6 +13,7 @@ import sys
 
 import pytest
 
+from launch import demo_alignment
 from mllm_jax.data import comparison_sources, comparisons
 from mllm_jax.paths import data_path
 from tests.test_pretrain import finish, train_losses, wait_for_step
@@ -71,6 +72,11 @@ def test_reward_model_reports_per_source_and_fine_tunes_itself(
   info = json.load(open(workdir / "reward_model" / "reward.json"))
   assert info["format"] == "vicuna_v1"
   assert sorted(train_losses(workdir)) == list(range(1, 7))
+  # The demo's section: the run's numbers, a row per source, the curves.
+  report = "\n".join(demo_alignment.reward_report(str(workdir)))
+  assert f"**{held['all']['accuracy']:.1%}**" in report
+  assert "| gsm8k:" in report and "not human preferences" in report
+  assert (workdir / "reward.png").stat().st_size > 0
 
   # The second step of preference-model pretraining -> fine-tuning: the same
   # binary from the reward model it wrote, on one source; the head is kept.
@@ -101,6 +107,10 @@ def test_ppo_resumes_bitwise_and_refuses_bad_input(tmp_path, base, reward_run,  
   assert set(summary["before"]) == set(summary["after"])
   assert summary["prompts"]["held_out"] == 4
   assert (straight / "model" / "tokenizer.model").exists()
+  report = "\n".join(demo_alignment.ppo_report(str(straight)))
+  assert (f"{summary['before']['reward']:.3f} -> "
+          f"{summary['after']['reward']:.3f}**") in report
+  assert (straight / "ppo.png").stat().st_size > 0
 
   killed = tmp_path / "killed"
   proc = run("ppo", killed, *args)

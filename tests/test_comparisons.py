@@ -12,6 +12,7 @@ from mllm_jax.data import chat
 from mllm_jax.data import comparison_sources as sources
 from mllm_jax.data import comparisons as cmp
 from mllm_jax.data.tokenizer import load_tokenizer
+from mllm_jax.rl.comparison_data import provenance
 
 SP_MODEL = ("sentencepiece", "sentencepiece-0.2.3", "test",
             "botchan_en_bpe_1000.model")
@@ -138,6 +139,12 @@ def test_labelling_round_trip_counts_missing_and_contradictory(tmp_path):
   assert {c.id: c.ranking for c in labelled} == {
       "q1": (0, 1), "q5": (0, 1), "k3": (2, 0, 1)}
   assert all(c.origin == cmp.HUMAN for c in labelled)
+  # The reward model's and DPO's note says what the data is, by origin.
+  assert provenance(labelled) == "all 3 comparisons labelled by people"
+  assert provenance(labelled + comps) == (
+      "3 of 11 comparisons labelled by people; the other 8 are synthetic, "
+      "NOT human preferences")
+  assert "NOT human" in provenance(comps)
   assert counts["needs_attention"] == {
       "bad_label": 1, "bad_ranking": 1, "contradictory_duplicates": 2,
       "contradictory_label": 1, "missing_label": 1}

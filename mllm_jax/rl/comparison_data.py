@@ -17,6 +17,20 @@ from mllm_jax.train.metrics import console
 NOTE = "comparisons built from real data are NOT human preferences"
 
 
+def provenance(comparisons: Sequence[cmp.Comparison]) -> str:
+  """What the comparisons are, from their records' origin: NOTE when none
+  was labelled by a person, else how many were (online rounds mix human
+  labels with model-ranked and built comparisons)."""
+  human = sum(c.origin == cmp.HUMAN for c in comparisons)
+  if not human:
+    return NOTE
+  if human == len(comparisons):
+    return f"all {human:,} comparisons labelled by people"
+  return (f"{human:,} of {len(comparisons):,} comparisons labelled by "
+          f"people; the other {len(comparisons) - human:,} are synthetic, "
+          f"NOT human preferences")
+
+
 def read_splits(data: ComparisonDataConfig):
   """(train, held-out) comparisons and their read statistics, from
   data.train_files / eval_files or built from data.sources; a prompt is
@@ -70,7 +84,7 @@ def encode_split(comparisons: Sequence[cmp.Comparison], tokenizer, fmt,
   console(f"{what}: {len(kept):,} comparisons ({sum(c.k for c in kept):,} "
           f"responses, {sum(len(c.pairs()) for c in kept):,} pairs) per "
           f"source {sources_lib.per_source(kept)}; dropped "
-          f"{summary['dropped'] or 'none'}; NOT human preferences")
+          f"{summary['dropped'] or 'none'}; {provenance(kept)}")
   return kept, encoded, summary
 
 

@@ -36,10 +36,12 @@ class PPOConfig:
   ptx_batch_size: int = 8
   value: str = "shared"  # "shared" trunk + head, or a "separate" critic
   checkpoint_every: int = 5  # iterations
+  eval_samples: int = 4  # sampled replies per held-out prompt (and 1 greedy)
 
   def validate(self, prefix: str = "ppo") -> None:
     for name in ("iterations", "prompts_per_iteration", "max_new_tokens",
-                 "epochs", "minibatches", "kl_horizon", "checkpoint_every"):
+                 "epochs", "minibatches", "kl_horizon", "checkpoint_every",
+                 "eval_samples"):
       check(getattr(self, name) >= 1, f"{prefix}.{name}",
             f"must be >= 1, got {getattr(self, name)}")
     check(self.prompts_per_iteration % self.minibatches == 0,

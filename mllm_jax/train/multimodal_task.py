@@ -1,0 +1,42 @@
+"""The multimodal model as a `TrainTask`: stage 1 (projector only) and stage 2
+(projector + LLM) are this task with another `trainable` filter; the vision
+tower is frozen in both, so it gets no gradient, no optimizer state and
+stays bit-identical (the trainer's frozen-parameter path)."""
+
+from __future__ import annotations
+
+from mllm_jax.modeling.multimodal import (IMAGE_FIELDS, MultimodalConfig,
+                                          MultimodalModel, multimodal_loss)
+from mllm_jax.train.metrics import train_flops_per_token
+from mllm_jax.train.task import LM_BATCH, TrainTask, path_filter
+
+# What trains in each stage (regular expressions over parameter paths).
+STAGE_TRAINABLE = {
+    "align": (r"^projector\.",),
+    "instruct": (r"^projector\.", r"^decoder\."),
+}
+
+
+def multimodal_task(cfg: MultimodalConfig, *, trainable: tuple[str, ...],
+                    init_checkpoint: str = "", z_loss: float = 0.0,
+                    name: str = "multimodal") -> TrainTask:
+  """`trainable`: path patterns (STAGE_TRAINABLE or your own);
+  `init_checkpoint`: a native multimodal checkpoint of this architecture
+  (convert.multimodal), restored straight into the mesh's shardings."""
+  load = None
+  if init_checkpoint:
+    from mllm_jax.convert import multimodal as convert  # pylint: disable=g-import-not-at-top
+    convert.check_architecture(init_checkpoint, cfg, "init_checkpoint")
+    load = lambda targets: convert.restore_params(init_checkpoint, targets)
+  return TrainTask(
+      name=name,
+      build_model=lambda rngs: MultimodalModel(cfg, rngs),
+      loss=multimodal_loss(z_loss),
+      trainable=path_filter(trainable),
+      load_weights=load,
+      weights_source=init_checkpoint,
+      batch_fields={**LM_BATCH, **IMAGE_FIELDS},
+      # The decoder's FLOPs per token (the tower's are not counted in MFU).
+      flops_per_token=lambda seq_len: train_flops_per_token(cfg.model,
+                                                            seq_len),
+      perplexity=False)

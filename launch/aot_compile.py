@@ -1,4 +1,4 @@
-r"""Compile the full training step for a TPU topology this machine lacks.
+r"""Compile the full training step for a TPU or GPU topology this machine lacks.
 
   python -m launch.aot_compile --config=configs/pretrain.py:65b \
       --topology=v5p:4x4x8 [--mfu=0.5] [--config.train.batch_size=...]
@@ -7,7 +7,9 @@ Answers "does this config fit, and how long will a step take?" before anyone
 books the pod. The step is the trainer's own (same function, shardings and
 donation, see mllm_jax/train/compile.py), lowered with abstract inputs
 (nothing is allocated) and compiled by libtpu for compile-only devices of the
-named topology (needs the `tpu` extra, no TPU). `--topology=cpu:N` compiles
+named topology (needs the `tpu` extra, no TPU). `--topology=8xH100` compiles
+for NVIDIA GPUs the same way (needs the `gpu` extra's CUDA plugin, no GPU: the
+chip is described to XLA by `gpu_targets.py`). `--topology=cpu:N` compiles
 for N local CPU devices instead (tests, no libtpu).
 
 Prints per-chip memory (arguments, outputs, temporaries, code, the peak) against
@@ -20,15 +22,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import sys
 import time
+from typing import Any
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from launch.gpu_targets import GPUS, GpuChip, topology_string
 from mllm_jax.configlib import ConfigError, check, from_config
 from mllm_jax.modeling import ModelConfig, count_params
 from mllm_jax.parallel.config import ParallelConfig
@@ -49,7 +54,9 @@ _CONFIG = config_flags.DEFINE_config_file(
 _TOPOLOGY = flags.DEFINE_string(
     "topology", None, "Target devices: GEN:AxBxC with GEN one of v4, v5p "
     "(3-D chip grid, e.g. v5p:4x4x8 = v5p-256 = 128 chips), v5e, v6e (2-D, "
-    "e.g. v5e:4x4); or cpu:N for N local CPU devices (no libtpu needed).")
+    "e.g. v5e:4x4); a Cloud slice name (v5p-256, v4-8, v5e-8); NxH100 or "
+    "NxH200 for N GPUs (8 per host); or cpu:N for N local CPU devices (no "
+    "libtpu needed).")
 _MFU = flags.DEFINE_float(
     "mfu", 0.5, "Model FLOPs utilisation assumed for the implied step time "
     "(model FLOPs / (chips x datasheet bf16 peak x mfu)).")
@@ -82,7 +89,11 @@ CHIPS = {
     "v6e": Chip("TPU v6e", 32.0, 2, "default"),
 }
 _TPU_RE = re.compile(r"^(v4|v5p|v5e|v6e):(\d+(?:x\d+)*)$")
+_SLICE_RE = re.compile(r"^(v4|v5p|v5e|v6e)-(\d+)$")
+_GPU_RE = re.compile(r"^(\d+)x(" + "|".join(GPUS) + r")$")
 _CPU_RE = re.compile(r"^cpu:(\d+)$")
+# v4 and v5p slice names count TensorCores, two per chip; v5e/v6e count chips.
+_CORES_PER_CHIP = {"v4": 2, "v5p": 2, "v5e": 1, "v6e": 1}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,19 +104,53 @@ class Target:
   hbm_bytes: float
   peak_flops: float  # per device
   peak_source: str
+  platform: str = "tpu"  # what the kernels must run on: tpu, gpu or cpu
 
 
 def _topology_error(text: str, why: str) -> ConfigError:
   return ConfigError(
       f"--topology={text}: {why}. Use GEN:AxBxC with GEN in {sorted(CHIPS)} "
-      f"(v4/v5p take 3 dims, v5e/v6e 2; e.g. v5p:4x4x8, v4:2x2x1, v5e:4x4) "
-      f"or cpu:N")
+      f"(v4/v5p take 3 dims, v5e/v6e 2; e.g. v5p:4x4x8, v4:2x2x1, v5e:4x4), "
+      f"a Cloud slice name (v5p-256, v4-8, v5e-8), NxGPU with GPU in "
+      f"{sorted(GPUS)} (e.g. 8xH100) or cpu:N")
+
+
+def slice_grid(gen: str, count: int) -> tuple[int, ...]:
+  """Chip grid of a Cloud slice name: ('v5p', 256) -> (4, 4, 8).
+
+  v4/v5p names count TensorCores (v5p-256 = 128 chips); v5e/v6e count chips.
+  The grid grows from 2x2(x1) by doubling one axis at a time, the shapes the
+  Cloud TPU pages list for the standard slices.
+  """
+  per_chip = _CORES_PER_CHIP[gen]
+  chips, rest = divmod(count, per_chip)
+  rank = CHIPS[gen].grid_dims
+  if rest or chips < 1 or chips & (chips - 1):
+    raise ConfigError(f"{gen}-{count} is not a standard slice: {gen} slice "
+                      f"names count {'TensorCores' if per_chip == 2 else 'chips'}"
+                      f" and need a power-of-two chip count")
+  grid = [1] * rank
+  while math.prod(grid) < chips:
+    # The first four chips fill a 2x2 face; then the smallest axis doubles
+    # (the last of equals first): 2x2x1 -> 2x2x2 -> 2x2x4 -> 2x4x4 -> 4x4x4.
+    axes = range(2) if math.prod(grid) < 4 else range(rank)
+    grid[max(axes, key=lambda i: (-grid[i], i))] *= 2
+  return tuple(grid)
 
 
 def parse_topology(text: str) -> tuple[str, tuple[int, ...]]:
-  """'v5p:4x4x8' -> ('v5p', (4, 4, 8)); 'cpu:8' -> ('cpu', (8,))."""
+  """'v5p:4x4x8' or 'v5p-256' -> ('v5p', (4, 4, 8)); 'cpu:8' -> ('cpu', (8,));
+  '8xH100' -> ('H100', (8,))."""
   if match := _CPU_RE.match(text):
     gen, dims = "cpu", (int(match.group(1)),)
+  elif match := _GPU_RE.match(text):
+    gen, dims = match.group(2), (int(match.group(1)),)
+  elif match := _SLICE_RE.match(text):
+    gen = match.group(1)
+    try:
+      dims = slice_grid(gen, int(match.group(2)))
+    except ConfigError as e:
+      raise _topology_error(text, str(e)) from e
   elif match := _TPU_RE.match(text):
     gen = match.group(1)
     dims = tuple(int(d) for d in match.group(2).split("x"))
@@ -121,10 +166,13 @@ def parse_topology(text: str) -> tuple[str, tuple[int, ...]]:
 
 
 def resolve_target(text: str, hbm_gib: float, peak_flops: float) -> Target:
-  """Compile-only TPU devices (via libtpu) or local CPU devices."""
+  """Compile-only TPU devices (via libtpu), compile-only GPUs (via XLA's CUDA
+  plugin and a described card) or local CPU devices."""
   gen, dims = parse_topology(text)
   if gen == "cpu":
     return _cpu_target(text, dims[0], hbm_gib, peak_flops)
+  if gen in GPUS:
+    return _gpu_target(text, GPUS[gen], dims[0], hbm_gib, peak_flops)
   chip = CHIPS[gen]
   from jax.experimental import topologies
   name = f"TPU {gen}:{'x'.join(map(str, dims))}"
@@ -142,6 +190,26 @@ def resolve_target(text: str, hbm_gib: float, peak_flops: float) -> Target:
                 "configured" if peak_flops else f"{chip.kind} datasheet bf16")
 
 
+def _gpu_target(text: str, chip: GpuChip, count: int, hbm_gib: float,
+                peak_flops: float) -> Target:
+  from jax.experimental import topologies
+  try:
+    devices = topologies.get_topology_desc(
+        platform="cuda", topology=topology_string(count),
+        target_config=chip.target_config()).devices
+  except NotImplementedError as e:  # no CUDA plugin registered
+    raise ConfigError(
+        f"--topology={text}: compiling for GPU needs XLA's CUDA plugin; "
+        f"install the gpu extra (pip install -e '.[gpu]', no GPU needed) or "
+        f"use --topology=cpu:N") from e
+  except RuntimeError as e:
+    raise _topology_error(text, f"the CUDA plugin rejected it ({e})") from e
+  return Target(text, list(devices), (hbm_gib or chip.hbm_gib) * GIB,
+                peak_flops or DATASHEET_PEAK_FLOPS[chip.peak_key],
+                "configured" if peak_flops else f"{chip.peak_key} datasheet "
+                f"bf16 dense", platform="gpu")
+
+
 def _cpu_target(text: str, count: int, hbm_gib: float,
                 peak_flops: float) -> Target:
   devices = jax.devices("cpu")
@@ -152,11 +220,12 @@ def _cpu_target(text: str, count: int, hbm_gib: float,
   ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
   hbm = hbm_gib * GIB if hbm_gib else ram / count
   if peak_flops:
-    return Target(text, devices[:count], hbm, peak_flops, "configured")
+    return Target(text, devices[:count], hbm, peak_flops, "configured",
+                  platform="cpu")
   # Simulated devices share the real cores: the peak is per process.
   return Target(text, devices[:count], hbm,
                 measure_cpu_peak_flops() / len(devices),
-                "measured float32 matmul on this CPU")
+                "measured float32 matmul on this CPU", platform="cpu")
 
 
 def memory_report(stats, hbm_bytes: float) -> dict[str, float]:
@@ -221,6 +290,131 @@ def _gib(x: float) -> str:
   return f"{x / GIB:9.3f} GiB"
 
 
+@dataclasses.dataclass
+class Run:
+  """One training run's checked configs and its program, nothing allocated."""
+  model: ModelConfig
+  parallel: ParallelConfig
+  optimizer: OptimizerConfig
+  train: TrainConfig
+  seq_len: int
+  mesh: jax.sharding.Mesh
+  program: Any
+
+  @property
+  def tokens(self) -> int:
+    return self.train.batch_size * self.seq_len
+
+  def micro_per_shard(self, chips: int) -> int:
+    return (self.train.batch_size // self.train.grad_accum_steps //
+            self.parallel.batch_shards(chips))
+
+
+def platform_of(gen: str) -> str:
+  """'cpu', 'gpu' or 'tpu' for a parsed topology's generation."""
+  return "cpu" if gen == "cpu" else "gpu" if gen in GPUS else "tpu"
+
+
+@dataclasses.dataclass(frozen=True)
+class Configs:
+  """The typed configs a step is built from."""
+  model: ModelConfig
+  parallel: ParallelConfig
+  optimizer: OptimizerConfig
+  train: TrainConfig
+  seq_len: int
+  seed: int
+
+
+def read_configs(config, platform: str) -> Configs:
+  """Typed, checked configs; needs no device, so it fails first (naming the
+  field) whatever the topology's runtime is."""
+  model_cfg = from_config(ModelConfig, config.model, "model")
+  optimizer_cfg = from_config(OptimizerConfig, config.optimizer, "optimizer")
+  configs = Configs(model_cfg,
+                    from_config(ParallelConfig, config.parallel, "parallel"),
+                    optimizer_cfg,
+                    from_config(TrainConfig, config.train, "train"),
+                    int(config.data.seq_len), int(config.seed))
+  model_cfg.check_seq_len(configs.seq_len)
+  model_cfg.check_platform(platform)
+  optimizer_cfg.check_platform(platform)
+  return configs
+
+
+def prepare(configs: Configs, target: Target) -> Run:
+  """The trainer's program for `target`'s devices, after the trainer's own
+  layout checks (ConfigError naming the field when heads or batches do not
+  divide the mesh)."""
+  model_cfg, parallel = configs.model, configs.parallel
+  train_cfg = configs.train
+  check_layout(model_cfg, parallel, train_cfg.batch_size,
+               train_cfg.grad_accum_steps, len(target.devices))
+  mesh = make_mesh(parallel, target.devices)
+  # The trainer's own program for this stage, built without allocating.
+  task = language_model_task(model_cfg, z_loss=train_cfg.z_loss,
+                             trainable=train_cfg.trainable)
+  program = build_program(task, parallel, configs.optimizer, train_cfg, mesh,
+                          configs.seed)
+  return Run(model_cfg, parallel, configs.optimizer, train_cfg,
+             configs.seq_len, mesh, program)
+
+
+@dataclasses.dataclass
+class Compilation:
+  """The compiled step, or why the compiler refused it for lack of memory."""
+  traced: Any
+  compiled: Any  # None when the compiler ran out of device memory
+  out_of_memory: str  # the compiler's message, "" when it compiled
+  drift: list[str]
+  seconds: float
+
+
+def compile_step(run: Run) -> Compilation:
+  """Traces, lowers and compiles the step; out-of-memory is a result, not an
+  error (every other compiler failure propagates)."""
+  start = time.perf_counter()
+  traced = run.program.trace(run.train.batch_size, run.seq_len)
+  lowered = traced.lower()
+  drift = dtype_drift(run.program.state, lowered.out_info[0])
+  try:
+    compiled, message = lowered.compile(), ""
+  except Exception as e:  # noqa: BLE001 - XLA raises JaxRuntimeError
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    compiled, message = None, str(e)
+  return Compilation(traced, compiled, message, drift,
+                     time.perf_counter() - start)
+
+
+def step_seconds(flops: float, chips: int, peak_flops: float,
+                 mfu: float) -> float:
+  """Step time when `flops` run at `mfu` of every chip's peak."""
+  return flops / (chips * peak_flops * mfu)
+
+
+def analyse(run: Run, result: Compilation, target: Target,
+            mfu: float) -> dict:
+  """Memory and FLOPs of a compiled step, as the JSON report holds them."""
+  chips = len(target.devices)
+  memory = memory_report(result.compiled.memory_analysis(), target.hbm_bytes)
+  analytic = train_flops_per_token(run.model, run.seq_len) * run.tokens
+  return {
+      "topology": target.name, "devices": chips,
+      "device_kind": target.devices[0].device_kind,
+      "mesh": dict(run.mesh.shape), "remat": run.model.remat,
+      "batch_size": run.train.batch_size, "seq_len": run.seq_len,
+      "grad_accum_steps": run.train.grad_accum_steps,
+      "memory_bytes": memory, "flops_analytic": analytic,
+      "flops_traced": traced_matmul_flops(result.traced.jaxpr),
+      "flops_xla": xla_flops(result.compiled) * chips, "mfu": mfu,
+      "peak_flops": target.peak_flops,
+      "step_seconds": step_seconds(analytic, chips, target.peak_flops, mfu),
+      "compile_seconds": result.seconds, "state_dtype_drift": result.drift,
+      "fits": memory["total"] <= target.hbm_bytes,
+  }
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -234,66 +428,44 @@ def main(argv):
   try:
     check(0 < _MFU.value <= 1, "--mfu", f"must be in (0, 1], got {_MFU.value}")
     check(_HBM_GIB.value >= 0, "--hbm_gib", "must be >= 0")
-    model_cfg = from_config(ModelConfig, config.model, "model")
-    parallel = from_config(ParallelConfig, config.parallel, "parallel")
-    optimizer_cfg = from_config(OptimizerConfig, config.optimizer, "optimizer")
-    train_cfg = from_config(TrainConfig, config.train, "train")
-    seq_len = int(config.data.seq_len)
-    model_cfg.check_seq_len(seq_len)
-    platform = "cpu" if _TOPOLOGY.value.startswith("cpu") else "tpu"
-    model_cfg.check_platform(platform)
-    optimizer_cfg.check_platform(platform)
+    configs = read_configs(config,
+                           platform_of(parse_topology(_TOPOLOGY.value)[0]))
     target = resolve_target(_TOPOLOGY.value, _HBM_GIB.value,
-                            train_cfg.peak_flops)
-    chips = len(target.devices)
-    check_layout(model_cfg, parallel, train_cfg.batch_size,
-                 train_cfg.grad_accum_steps, chips)
-    mesh = make_mesh(parallel, target.devices)
-    # The trainer's own program for this stage, built without allocating.
-    task = language_model_task(model_cfg, z_loss=train_cfg.z_loss,
-                               trainable=train_cfg.trainable)
-    program = build_program(task, parallel, optimizer_cfg, train_cfg, mesh,
-                            config.seed)
+                            configs.train.peak_flops)
+    run = prepare(configs, target)
   except ConfigError as e:
     sys.exit(f"error: {e}")
 
-  tokens = train_cfg.batch_size * seq_len
-  micro_per_shard = (train_cfg.batch_size // train_cfg.grad_accum_steps //
-                     parallel.batch_shards(chips))
+  chips = len(target.devices)
+  model_cfg, parallel, train_cfg = run.model, run.parallel, run.train
   print(f"target   {target.name}: {chips} x {target.devices[0].device_kind}, "
         f"{_gib(target.hbm_bytes).strip()} each, peak "
         f"{target.peak_flops:.3g} FLOP/s ({target.peak_source})")
   print(f"model    {count_params(model_cfg):,} parameters "
         f"({model_cfg.param_dtype} weights, {model_cfg.dtype} compute), "
         f"remat={model_cfg.remat!r}")
-  print(f"mesh     {dict(mesh.shape)}")
-  print(f"batch    {train_cfg.batch_size} x {seq_len} = {tokens:,} tokens "
-        f"per step, grad_accum_steps={train_cfg.grad_accum_steps} "
-        f"(micro-batch of {micro_per_shard} sequences per data shard)")
+  print(f"mesh     {dict(run.mesh.shape)}")
+  print(f"batch    {train_cfg.batch_size} x {run.seq_len} = {run.tokens:,} "
+        f"tokens per step, grad_accum_steps={train_cfg.grad_accum_steps} "
+        f"(micro-batch of {run.micro_per_shard(chips)} sequences per data "
+        f"shard)")
 
   # ------------------------------------------------------------ compile
-  start = time.perf_counter()
-  traced = program.trace(train_cfg.batch_size, seq_len)
-  lowered = traced.lower()
-  drift = dtype_drift(program.state, lowered.out_info[0])
-  if drift:
-    print(f"WARNING: the step changes the dtype of {len(drift)} state leaves "
-          f"(e.g. {drift[0]}); the trainer recompiles on step 2 with that "
-          f"state, so this report covers step 1 only")
-  try:
-    compiled = lowered.compile()
-  except Exception as e:  # noqa: BLE001 - XLA raises JaxRuntimeError
-    if "RESOURCE_EXHAUSTED" not in str(e):
-      raise
+  result = compile_step(run)
+  if result.drift:
+    print(f"WARNING: the step changes the dtype of {len(result.drift)} state "
+          f"leaves (e.g. {result.drift[0]}); the trainer recompiles on step 2 "
+          f"with that state, so this report covers step 1 only")
+  if result.compiled is None:
     sys.stderr.write(f"DOES NOT FIT: the compiler ran out of device memory "
-                     f"on {target.name}:\n{str(e)[:2000]}\n"
+                     f"on {target.name}:\n{result.out_of_memory[:2000]}\n"
                      f"{remedies(model_cfg, parallel)}\n")
     sys.exit(EXIT_DOES_NOT_FIT)
-  compile_s = time.perf_counter() - start
-  print(f"compiled in {compile_s:.0f} s")
+  print(f"compiled in {result.seconds:.0f} s")
 
   # ------------------------------------------------------------ report
-  memory = memory_report(compiled.memory_analysis(), target.hbm_bytes)
+  report = analyse(run, result, target, _MFU.value)
+  memory = report["memory_bytes"]
   print("memory per device:")
   for key in ("arguments", "outputs", "aliased", "temporaries",
               "generated_code", "sum_of_parts", "peak", "total", "capacity"):
@@ -302,30 +474,18 @@ def main(argv):
     print(f"  {'host_offloaded':15s}{_gib(memory['host_offloaded'])}")
   print(f"  {'used':15s}{100 * memory['total'] / memory['capacity']:7.1f} %")
 
-  analytic = train_flops_per_token(model_cfg, seq_len) * tokens
-  traced_flops = traced_matmul_flops(traced.jaxpr)
-  xla = xla_flops(compiled) * chips
-  step_s = analytic / (chips * target.peak_flops * _MFU.value)
+  analytic, traced_flops = report["flops_analytic"], report["flops_traced"]
+  xla, step_s = report["flops_xla"], report["step_seconds"]
   print("FLOPs per step (all devices):")
   print(f"  analytic model {analytic:.4g}  (6 x matmul params + causal "
-        f"attention once, x {tokens:,} tokens)")
+        f"attention once, x {run.tokens:,} tokens)")
   print(f"  traced matmuls {traced_flops:.4g}  ({traced_flops / analytic:.2f}x"
         f"; scans expanded, remat recompute and full attention squares)")
   print(f"  XLA cost       {xla:.4g}  ({xla / analytic:.2f}x; "
         f"cost_analysis() x {chips} devices, counts each loop body once)")
   print(f"implied step time {step_s:.3g} s at MFU {_MFU.value:g} "
-        f"({tokens / step_s:,.0f} tokens/s)")
+        f"({run.tokens / step_s:,.0f} tokens/s)")
 
-  report = {
-      "topology": target.name, "devices": chips,
-      "device_kind": target.devices[0].device_kind, "mesh": dict(mesh.shape),
-      "remat": model_cfg.remat, "batch_size": train_cfg.batch_size,
-      "seq_len": seq_len, "grad_accum_steps": train_cfg.grad_accum_steps,
-      "memory_bytes": memory, "flops_analytic": analytic,
-      "flops_traced": traced_flops, "flops_xla": xla, "mfu": _MFU.value,
-      "peak_flops": target.peak_flops, "step_seconds": step_s,
-      "compile_seconds": compile_s, "state_dtype_drift": drift, "fits": memory["total"] <= target.hbm_bytes,
-  }
   if _OUTPUT_JSON.value:
     with open(_OUTPUT_JSON.value, "w") as f:
       json.dump(report, f, indent=2)

@@ -111,7 +111,9 @@ def test_bad_flags_exit_1_before_compiling(runs):
 
 
 @pytest.mark.parametrize("topology, message", [
-    ("v5p-128", "not a topology"),
+    ("v5p-128x", "not a topology"),
+    ("v5p-12", "not a standard slice"),
+    ("8xA999", "not a topology"),
     ("v7:2x2", "not a topology"),
     ("v5p:4x4", "v5p chips form a 3-D grid"),
     ("v5e:2x2x2", "v5e chips form a 2-D grid"),
@@ -127,6 +129,12 @@ def test_parse_topology():
   assert aot_compile.parse_topology("v5p:4x4x8") == ("v5p", (4, 4, 8))
   assert aot_compile.parse_topology("v6e:8x8") == ("v6e", (8, 8))
   assert aot_compile.parse_topology("cpu:4") == ("cpu", (4,))
+  # Cloud slice names: v4/v5p count TensorCores (two per chip).
+  assert aot_compile.parse_topology("v5p-256") == ("v5p", (4, 4, 8))
+  assert aot_compile.parse_topology("v5p-8") == ("v5p", (2, 2, 1))
+  assert aot_compile.parse_topology("v4-512") == ("v4", (4, 8, 8))
+  assert aot_compile.parse_topology("v5e-8") == ("v5e", (2, 4))
+  assert aot_compile.parse_topology("8xH100") == ("H100", (8,))
 
 
 @pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu (the tpu extra) missing")

@@ -42,7 +42,30 @@ def make_mesh(cfg: ParallelConfig,
   devices = list(devices if devices is not None else jax.devices())
   shape = cfg.resolved_shape(len(devices))
   auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  if num_slices(devices) > 1:
+    return Mesh(multislice_grid(shape, devices), MESH_AXES, axis_types=auto)
   return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+
+
+def num_slices(devices: Sequence[jax.Device]) -> int:
+  """TPU slices the devices span (multislice); 1 elsewhere."""
+  return len({getattr(d, "slice_index", 0) for d in devices})
+
+
+def multislice_grid(shape: Sequence[int], devices: Sequence[jax.Device]):
+  """Devices arranged for a multislice run: the `data` axis is split across
+  slices, which talk over the data-centre network, and every other axis
+  stays inside a slice on the fast inter-chip links (`jax.make_mesh`
+  refuses devices from several slices)."""
+  from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
+  slices, axis = num_slices(devices), MESH_AXES.index("data")
+  check(shape[axis] % slices == 0, "parallel.data",
+        f"{shape[axis]} is not divisible by the {slices} TPU slices: "
+        f"multislice runs data parallelism across slices, so set "
+        f"parallel.data to a multiple of {slices}")
+  inside, across = list(shape), [1] * len(shape)
+  inside[axis], across[axis] = shape[axis] // slices, slices
+  return mesh_utils.create_hybrid_device_mesh(inside, across, devices)
 
 
 def check_divisible(cfg: ParallelConfig, num_devices: int, *, num_heads: int,
@@ -70,17 +93,24 @@ def initialize_distributed() -> bool:
   """Calls `jax.distributed.initialize()` when more than one process runs.
 
   Multi-process runs are recognised from JAX_COORDINATOR_ADDRESS (with
-  JAX_NUM_PROCESSES and JAX_PROCESS_ID), or from a TPU pod slice's worker
-  list, where JAX discovers everything itself. Returns True if initialised.
+  JAX_NUM_PROCESSES and JAX_PROCESS_ID), from a TPU pod slice's worker
+  list, or from MLLM_JAX_DISTRIBUTED=auto (set by launch/tpu on every TPU
+  VM, where the worker list and multislice settings live in the VM's
+  metadata); in the last two JAX discovers everything itself. A second call
+  finds the runtime started and does nothing (launch.tpu.worker starts it
+  before the binary's own start_process). Returns True if initialised.
   """
+  if jax.distributed.is_initialized():
+    return True
   coordinator = os.environ.get("JAX_COORDINATOR_ADDRESS")
   tpu_workers = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+  auto = os.environ.get("MLLM_JAX_DISTRIBUTED", "") == "auto"
   if coordinator:
     jax.distributed.initialize(
         coordinator_address=coordinator,
         num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
         process_id=int(os.environ["JAX_PROCESS_ID"]))
-  elif "," in tpu_workers:
+  elif auto or "," in tpu_workers:
     jax.distributed.initialize()
   else:
     return False

@@ -12,7 +12,7 @@ model, same prompts, same settings, same machine, same run.
 WORKDIR/model), --reward launch.reward's WORKDIR/reward_model (a decoder
 trunk + scalar head + bias, reading its score at an end-of-context token
 appended to the reply), --prompts a JSONL of comparison records whose
-prompts are read by `launch.ppo.read_prompts` (the training split of
+prompts are read by `mllm_jax.rl.prompts.read_prompts` (the training split of
 `split_held_out`, as launch.ppo does).
 
 TRL: PPO left `trl` for `trl.experimental.ppo` in 1.10 and was removed in
@@ -274,6 +274,7 @@ class Ours:
     from mllm_jax.parallel.mesh import make_mesh
     from mllm_jax.parallel.sharding import use_mesh
     from mllm_jax.rl import ppo
+    from mllm_jax.rl import prompts as prompts_lib
     from mllm_jax.rl import reward as reward_lib
     from mllm_jax.rl.config import PPOConfig
     from mllm_jax.train.compile import build_program, initial_state
@@ -293,10 +294,10 @@ class Ours:
                                self.tokenizer)
     self.stop_tokens = end_of_turn(self.fmt, self.tokenizer).stop_tokens
     self.eoc_id = int(info["end_of_context_id"])
-    prompts, self.drops = launch_ppo.read_prompts(
+    prompts, self.drops = prompts_lib.read_prompts(
         config.data.prompts, self.tokenizer, self.fmt,
         config.data.max_prompt_tokens)
-    self.train_prompts, _ = launch_ppo.split_held_out(
+    self.train_prompts, _ = prompts_lib.split_held_out(
         prompts, config.data.eval_prompts)
     self.prompt_width = -(-config.data.max_prompt_tokens // 16) * 16
     task = ppo.ppo_task(model_cfg, peft_cfg, cfg,
@@ -310,14 +311,14 @@ class Ours:
                                  self.mesh, config.seed)
     self.state, self.frozen = initial_state(self.program, config.seed)
     self.process = launch_ppo.make_process(self.program.graphdef, cfg)
-    self.order = launch_ppo.PromptOrder(self.train_prompts, config.data.seed)
+    self.order = prompts_lib.PromptOrder(self.train_prompts, config.data.seed)
     self.it = 0
     self.logs = []
 
     # The prompts of every iteration (the same order a fresh PromptOrder
     # gives: handed to TRL), and the compile of every prompt width they
     # need, before any timing.
-    ahead = launch_ppo.PromptOrder(self.train_prompts, config.data.seed)
+    ahead = prompts_lib.PromptOrder(self.train_prompts, config.data.seed)
     self.schedule = [ahead.take(cfg.prompts_per_iteration)
                      for _ in range(total)]
     start = time.perf_counter()
@@ -560,7 +561,7 @@ def main() -> None:
           f"widths {ours.widths} {ours.compile_s:.0f} s (the process and "
           f"step compile in the first warm-up iteration)")
     print(f"prompts: {len(ours.train_prompts)} training prompts from "
-          f"{args.prompts} (launch.ppo.read_prompts, format "
+          f"{args.prompts} (mllm_jax.rl.prompts.read_prompts, format "
           f"{ours.fmt.name}; dropped {ours.drops or 'none'}), "
           f"{total * cfg.prompts_per_iteration} used in PromptOrder's "
           f"sequence on both sides")

@@ -96,6 +96,7 @@ from mllm_jax.eval.chat_eval import end_of_turn
 from mllm_jax.generate.sampler import Sampler
 from mllm_jax.generate.sampling import SamplingParams
 from mllm_jax.rl import reward as reward_lib
+from mllm_jax.rl.prompts import read_prompts, split_held_out
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Rounds config file and preset, e.g. "
@@ -146,6 +147,10 @@ class Settings:
   reward_args: tuple[str, ...]
   ppo_config: str
   ppo_args: tuple[str, ...]
+  # launch.ppo's data.max_prompt_tokens and data.eval_prompts: the rounds
+  # never sample the prompts PPO holds out to measure itself.
+  ppo_max_prompt_tokens: int
+  ppo_eval_prompts: int
 
 
 def _model_dir(path: str, field: str, reward: bool) -> str:
@@ -186,6 +191,22 @@ def load_preset(spec: str, field: str):
     raise ConfigError(f"{field}: {e}") from e
 
 
+def ppo_held_out_setting(preset, args: Sequence[str]) -> tuple[int, int]:
+  """(data.max_prompt_tokens, data.eval_prompts) of the PPO runs: the
+  preset's, or the last of ppo.args that sets them (as the binary reads
+  its flags)."""
+  values = {"max_prompt_tokens": preset.data.max_prompt_tokens,
+            "eval_prompts": preset.data.eval_prompts}
+  for arg in args:
+    for name in values:
+      prefix = f"--config.data.{name}="
+      if arg.startswith(prefix):
+        value = arg[len(prefix):]
+        check(value.isdigit(), "ppo.args", f"{arg!r}: a whole number")
+        values[name] = int(value)
+  return values["max_prompt_tokens"], values["eval_prompts"]
+
+
 def settings(config) -> Settings:
   """Validates the config before anything loads; errors name the field."""
   check(isinstance(config.rounds, int) and config.rounds >= 1, "rounds",
@@ -219,7 +240,7 @@ def settings(config) -> Settings:
         "comparisons.eval_files", "given without comparisons.train_files")
   reward_config, reward_preset = load_preset(config.reward.config,
                                              "reward.config")
-  ppo_config, _ = load_preset(config.ppo.config, "ppo.config")
+  ppo_config, ppo_preset = load_preset(config.ppo.config, "ppo.config")
   for field in ("reward.args", "ppo.args"):
     args = config.reward.args if field == "reward.args" else config.ppo.args
     check(isinstance(args, (tuple, list)) and all(
@@ -247,7 +268,9 @@ def settings(config) -> Settings:
       reward_max_responses=max(s.responses_per_prompt,
                                reward_preset.data.max_responses),
       reward_args=tuple(config.reward.args), ppo_config=ppo_config,
-      ppo_args=tuple(config.ppo.args))
+      ppo_args=tuple(config.ppo.args),
+      **dict(zip(("ppo_max_prompt_tokens", "ppo_eval_prompts"),
+                 ppo_held_out_setting(ppo_preset, config.ppo.args))))
 
 
 def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -302,7 +325,13 @@ def _read_json(path: str):
 
 def round_prompts(s: Settings, round_index: int, tokenizer, fmt):
   """sampling.prompts_per_round distinct prompts, a seeded draw per round:
-  [(prompt pairs, ids)], and the drops (unreadable records, too long)."""
+  [(prompt pairs, ids)], and the drops (unreadable records, too long, held
+  out by the PPO runs: a reward model trained on samples of those prompts
+  would inflate PPO's held-out reward)."""
+  ppo_prompts, _ = read_prompts(s.prompts, tokenizer, fmt,
+                                s.ppo_max_prompt_tokens)
+  ppo_held_out = {tuple(p) for p in split_held_out(ppo_prompts,
+                                                    s.ppo_eval_prompts)[1]}
   drops: dict[str, int] = {}
   unique: dict[str, tuple] = {}
   for item in chat.iter_json_records(s.prompts):
@@ -331,6 +360,9 @@ def round_prompts(s: Settings, round_index: int, tokenizer, fmt):
       continue
     if len(ids) > s.max_prompt_tokens:
       drops["prompt_too_long"] = drops.get("prompt_too_long", 0) + 1
+      continue
+    if tuple(ids) in ppo_held_out:
+      drops["ppo_held_out"] = drops.get("ppo_held_out", 0) + 1
       continue
     chosen.append((prompts[i], ids))
     if len(chosen) == s.prompts_per_round:
@@ -658,8 +690,9 @@ def round_summary(round_index: int, round_dir: str, policy: str,
       "best_policy_after": (os.path.join(round_dir, "ppo", "model")
                             if improved else policy),
       "note": labelled["note"] + "; PPO rewards are the round's reward "
-              "model's scores of greedy replies to held-out prompts, KL "
-              "per reply against the round's starting policy"}
+              "model's scores of replies to held-out prompts (sampled as in "
+              "training; greedy_* of greedy replies), KL per reply against "
+              "the round's starting policy"}
 
 
 def _accuracy(held_out: dict | None) -> str:

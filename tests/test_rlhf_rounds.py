@@ -21,8 +21,9 @@ import pytest
 from flax import nnx
 
 from mllm_jax.convert import native
-from mllm_jax.data import comparisons
+from mllm_jax.data import chat, comparisons
 from mllm_jax.data.tokenizer import load_tokenizer
+from mllm_jax.rl.prompts import read_prompts, split_held_out
 from mllm_jax.rl.reward import RewardModel, save_reward_model
 from tests.test_alignment_runs import PPO, REWARD, SMALL, prompts  # noqa: F401
 from tests.test_pretrain import train_losses
@@ -115,6 +116,17 @@ def test_rounds_resume_and_take_human_labels(  # noqa: F811  (fixtures)
   assert "NOT human preferences" in log
   record = json.loads(open(round1 / "comparisons.jsonl").readline())
   assert "not a human preference" in record["origin"]
+  # The rounds never sample the prompts PPO holds out to measure itself.
+  tokenizer = load_tokenizer(str(base))
+  fmt = chat.get_format("vicuna_v1", tokenizer)
+  ppo_prompts, _ = read_prompts(str(prompts), tokenizer, fmt, 112)
+  held_out = {tuple(p) for p in split_held_out(ppo_prompts, 4)[1]}
+  sampled = [json.loads(line)["prompt"] for line in open(
+      round1 / "samples.jsonl")]
+  assert len(held_out) == 4 and len(sampled) == 16
+  assert not held_out & {tuple(chat.encode_prompt(
+      comparisons.prompt_conversation(comparisons.parse_prompt(p), "t"),
+      tokenizer, fmt).tolist()) for p in sampled}
 
   rounds = json.load(open(tmp_path / "run" / "rounds.json"))
   first, = rounds["rounds"]

@@ -185,7 +185,8 @@ def ppo_report(run_dir: str) -> list[str]:
   if "pretrain_loss" in a:
     lines.append(f"- pretraining loss (held-out batches of the pretraining "
                  f"data) {b['pretrain_loss']:.3f} -> {a['pretrain_loss']:.3f}"
-                 f" nats/token: what PPO costs the language model")
+                 f" nats/token (a rise is what PPO costs the language "
+                 f"model; the ptx term holds it down)")
   lines.append(f"- one iteration after compilation: rollout "
                f"{last['rollout_sec']:.1f} s, scoring {last['score_sec']:.1f}"
                f" s, learning {last['learn_sec']:.1f} s")

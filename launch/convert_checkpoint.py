@@ -11,8 +11,14 @@ native adapter checkpoints.
       --output=DIR
 
   # native checkpoint -> a directory LlamaForCausalLM.from_pretrained loads
+  # (a native multimodal checkpoint -> LlavaForConditionalGeneration's)
   python -m launch.convert_checkpoint --from=native --input=DIR \
       --output=HF_DIR [--weight_dtype=bfloat16] [--max_shard_mb=5120]
+
+  # HF LlavaForConditionalGeneration directory -> native multimodal
+  # checkpoint (CLIP tower + projector + LLaMA; convert/multimodal.py)
+  python -m launch.convert_checkpoint --from=llava --input=HF_DIR \
+      --output=DIR [--dtype=float32]
 
   # HF PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors)
   # -> native adapter (peft_config.json + adapter/), checked against the base
@@ -41,14 +47,16 @@ import sys
 from absl import app, flags, logging
 
 from mllm_jax.configlib import ConfigError
-from mllm_jax.convert import gguf, hf, native
+from mllm_jax.convert import gguf, hf, multimodal, native
 from mllm_jax.convert import peft as peft_io
 from launch.flags import quiet_library_logs, require_flags
 
 _FROM = flags.DEFINE_enum(
-    "from", None, ["hf", "native", "gguf", "peft", "adapter"],
-    "Format of --input: 'hf' (a HuggingFace LLaMA directory), 'native' "
-    "(model_config.json + Orbax params; the output is HF), 'gguf' (a "
+    "from", None, ["hf", "native", "gguf", "peft", "adapter", "llava"],
+    "Format of --input: 'hf' (a HuggingFace LLaMA directory), 'llava' (a "
+    "HuggingFace LlavaForConditionalGeneration directory; the output is a "
+    "native multimodal checkpoint), 'native' (model_config.json or "
+    "multimodal_config.json + Orbax params; the output is HF), 'gguf' (a "
     "llama.cpp GGUF file of a LLaMA-architecture model; the output is "
     "native, with the tokenizer), 'peft' (an HF PEFT LoRA adapter "
     "directory; the output is a native adapter for --base) or 'adapter' (a "
@@ -103,9 +111,9 @@ def check_flags() -> None:
   if _BASE_MODEL_NAME.value is not None and source != "adapter":
     raise app.UsageError("--base_model_name_or_path applies to "
                          "--from=adapter only")
-  if _DTYPE.value and source not in ("hf", "gguf", "peft"):
-    raise app.UsageError("--dtype applies to --from=hf, --from=gguf and "
-                         "--from=peft only")
+  if _DTYPE.value and source not in ("hf", "gguf", "peft", "llava"):
+    raise app.UsageError("--dtype applies to --from=hf, --from=gguf, "
+                         "--from=llava and --from=peft only")
 
 
 def _check_adapter_dir(path: str, expected: str, kind: str, other: str,
@@ -181,10 +189,33 @@ def convert_adapter() -> None:
                " ".join(lora.targets))
 
 
+def convert_multimodal() -> None:
+  """--from=llava, or --from=native on a multimodal checkpoint."""
+  if _FROM.value == "llava":
+    overrides = {}
+    if _WEIGHT_DTYPE.value:
+      overrides["param_dtype"] = _WEIGHT_DTYPE.value
+    cfg = multimodal.llava_to_native(_INPUT.value, _OUTPUT.value,
+                                     _OVERWRITE.value, _DTYPE.value,
+                                     **overrides)
+  else:
+    cfg = multimodal.native_to_llava(_INPUT.value, _OUTPUT.value,
+                                     _WEIGHT_DTYPE.value, _OVERWRITE.value)
+  logging.info("wrote %s (LLaVA: CLIP %d layers / width %d, %s projector, "
+               "LLaMA %d layers / embed %d, %d tokens per image)",
+               _OUTPUT.value, cfg.vision.num_layers, cfg.vision.embed_dim,
+               cfg.projector.projector, cfg.model.num_layers,
+               cfg.model.embed_dim, cfg.tokens_per_image)
+
+
 def convert() -> None:
   """Runs the conversion the flags ask for and logs what was written."""
   if _FROM.value in ("peft", "adapter"):
     convert_adapter()
+    return
+  if _FROM.value == "llava" or (_FROM.value == "native" and
+                                multimodal.is_multimodal(_INPUT.value)):
+    convert_multimodal()
     return
   if _FROM.value in ("hf", "gguf"):
     overrides = {}

@@ -246,3 +246,38 @@ def test_worker_runs_a_binary(tmp_path):
                           env=env)
   assert result.returncode != 0
   assert "joined 1 processes, expected 32" in result.stderr
+
+
+PARSE_CONFIG = """
+import sys
+from absl import flags
+from ml_collections import config_flags
+from mllm_jax.configlib import from_config
+from mllm_jax.modeling.config import ModelConfig
+from mllm_jax.parallel.config import ParallelConfig
+from mllm_jax.train.config import OptimizerConfig, TrainConfig
+config = config_flags.DEFINE_config_file("config", None, "", lock_config=True)
+flags.FLAGS(sys.argv)
+for section, cls in (("model", ModelConfig), ("parallel", ParallelConfig),
+                     ("optimizer", OptimizerConfig), ("train", TrainConfig)):
+  from_config(cls, config.value[section], section)
+print(len(config.value.data.sources), config.value.parallel.data)
+"""
+
+
+@pytest.mark.parametrize("preset, sources, data", [
+    ("7b-v5p-8", 7, 1), ("65b-v5p-256", 7, 1), ("65b-2xv5p-256", 7, 2),
+    ("tiny-v5litepod-8", 0, -1)])
+def test_preset_flags_are_the_binarys(preset, sources, data):
+  """Each preset's run command passes flags its binary's config accepts (a
+  misspelt override would only fail on the pod)."""
+  out = launch([f"--config=configs/tpu.py:{preset}", *BASE, "--steps=run",
+                "--dry_run"]).stdout
+  words = remote(commands(out)[0])
+  args = words[words.index("launch.pretrain") + 1:words.index("2>&1")]
+  config_args = [a for a in args if a.startswith("--config")]
+  assert len(config_args) == len(args) - 1  # and --workdir
+  result = subprocess.run([sys.executable, "-c", PARSE_CONFIG, *config_args],
+                          cwd=REPO, capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.split() == [str(sources), str(data)]

@@ -281,3 +281,45 @@ def test_preset_flags_are_the_binarys(preset, sources, data):
                           cwd=REPO, capture_output=True, text=True)
   assert result.returncode == 0, result.stderr
   assert result.stdout.split() == [str(sources), str(data)]
+
+
+def _stub_cloud(tmp_path, state: str, fail_on: str = ""):
+  """gcloud/git stubs: log each call; `describe` answers `state`; a call
+  containing `fail_on` exits 1."""
+  bin_dir, log = tmp_path / "bin", tmp_path / "calls.log"
+  bin_dir.mkdir()
+  for tool in ("gcloud", "git"):
+    stub = bin_dir / tool
+    stub.write_text(
+        f"#!/bin/sh\necho {tool} \"$@\" >> {log}\n"
+        f"case \"$*\" in *describe*) echo {state};; esac\n"
+        + (f"case \"$*\" in *{fail_on}*) exit 1;; esac\n" if fail_on else ""))
+    stub.chmod(0o755)
+  return {"PATH": f"{bin_dir}:{os.environ['PATH']}"}, log
+
+
+def test_real_run_calls_in_order(tmp_path):
+  """Without --dry_run the same commands run, in order, the queued resource
+  polled until ACTIVE."""
+  env, log = _stub_cloud(tmp_path, "ACTIVE")
+  out = launch(["--config=configs/tpu.py:65b-2xv5p-256", *BASE,
+                "--config.data.bucket=gs://b", "--steps=create,install,data,run"],
+               env).stdout
+  calls = log.read_text().splitlines()
+  printed = [" ".join(c) for c in commands(out)]
+  assert calls == printed  # every printed command ran, nothing else
+  assert [c.split()[4] for c in calls if c.startswith("gcloud")] == [
+      "create", "describe", "scp", "ssh", "ssh", "ssh"]
+
+
+@pytest.mark.parametrize("state, fail_on, message", [
+    ("FAILED", "", "queued resource llama is FAILED"),
+    ("ACTIVE", "scp", "command failed (exit 1): gcloud compute tpus "
+     "queued-resources scp"),
+])
+def test_real_run_stops_on_failure(tmp_path, state, fail_on, message):
+  env, log = _stub_cloud(tmp_path, state, fail_on)
+  result = launch(["--config=configs/tpu.py:65b-2xv5p-256", *BASE,
+                   "--steps=create,install,run"], env, check=False)
+  assert result.returncode != 0 and message in result.stderr, result.stderr
+  assert "ssh" not in log.read_text()  # nothing ran after the failure

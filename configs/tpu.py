@@ -80,5 +80,6 @@ def get_config(name: str = "7b-v5p-8") -> ml_collections.ConfigDict:
     c.args = _pretrain_args(pretrain, *overrides)
   c.env = ()              # extra 'KEY=VALUE' set for the binary on every worker
   c.log = "~/mllm_jax_run.log"  # each worker's copy of the binary's output
+  c.detach = False        # True: start under nohup and return (long runs)
   c.lock()
   return c

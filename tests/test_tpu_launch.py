@@ -159,6 +159,21 @@ def test_any_binary_single_host_spot(fake_cloud):
                       "--prompt=Hello there"]
 
 
+def test_detached_run(fake_cloud):
+  """--config.detach: the binary starts under nohup on every worker and the
+  ssh returns; its output goes to the log."""
+  env, _ = fake_cloud
+  out = launch(["--config=configs/tpu.py:65b-v5p-256", *BASE, "--dry_run",
+                "--steps=run", "--config.detach=True"], env).stdout
+  (run,) = commands(out)
+  assert "--worker=all" in run
+  words = remote(run)
+  assert words[:5] == ["cd", "~/mllm_jax", "&&", "nohup", "env"]
+  assert "MLLM_JAX_DISTRIBUTED=auto" in words
+  assert words[-6:] == [">>", "~/mllm_jax_run.log", "2>&1", "<", "/dev/null",
+                        "&"]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--config.accelerator_type=v9-8"], "--config.accelerator_type: unknown "
      "accelerator type 'v9-8'"),
@@ -170,6 +185,7 @@ def test_any_binary_single_host_spot(fake_cloud):
     (["--config.num_slices=0"], "--config.num_slices"),
     (["--config.provisioning=cheap"], "--config.provisioning"),
     (["--config.data.mode=rsync"], "--config.data.mode"),
+    (["--config.data.dir=data"], "--config.data.dir"),
     (["--steps=create,launch"], "--steps"),
     (["--steps=data"], "--config.data.bucket"),
     (["--", "launch.nope"], "no such binary: 'launch.nope'"),

@@ -178,14 +178,22 @@ def data_script(bucket: str, mode: str, data_dir: str) -> str:
 
 
 def run_script(target: Target, binary: str, args: list[str],
-               env: dict[str, str], log: str) -> str:
+               env: dict[str, str], log: str, detach: bool = False) -> str:
   """Shell run on every worker: the binary under launch.tpu.worker, which
-  starts jax.distributed before the binary's own code runs."""
+  starts jax.distributed before the binary's own code runs.
+
+  Attached (the default) the ssh session streams the output and ends with
+  the binary; `detach` starts it under nohup and returns at once, so a run
+  of days survives the launcher's connection (read the log on a worker).
+  """
   variables = {DISTRIBUTED_ENV: "auto", EXPECT_ENV: str(target.processes),
                **env}
   assignments = " ".join(f"{k}={shlex.quote(v)}" for k, v in variables.items())
   python = " ".join(shlex.quote(a) for a in
                     [".venv/bin/python", "-m", "launch.tpu.worker", binary,
                      *args])
+  if detach:
+    return (f"cd {REPO_DIR} && nohup env {assignments} {python} >> {log} "
+            "2>&1 < /dev/null &")
   return (f"set -o pipefail && cd {REPO_DIR} && {assignments} {python} 2>&1 "
           f"| tee -a {log}")

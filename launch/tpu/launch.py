@@ -96,6 +96,8 @@ def check_config(config, steps: list[str]) -> None:
   if config.data.mode not in ("mount", "copy"):
     _fail("--config.data.mode", f"{config.data.mode!r}; use 'mount' or "
           "'copy'")
+  if not config.data.dir.startswith("/"):
+    _fail("--config.data.dir", f"{config.data.dir!r} is not an absolute path")
   if "data" in steps and not config.data.bucket.startswith("gs://"):
     _fail("--config.data.bucket", f"{config.data.bucket!r}: the data step "
           "needs gs://BUCKET[/PATH] (or leave 'data' out of --steps)")
@@ -187,8 +189,8 @@ def launch(config, argv: list[str]) -> None:
           config.data.bucket, config.data.mode, config.data.dir)))
     elif step == "run":
       env = dict(item.split("=", 1) for item in config.env)
-      run(commands.ssh(target, commands.run_script(target, binary, args, env,
-                                                   config.log)))
+      run(commands.ssh(target, commands.run_script(
+          target, binary, args, env, config.log, config.detach)))
     elif step == "delete":
       run(commands.delete(target))
 

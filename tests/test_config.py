@@ -120,7 +120,7 @@ IMPORT_EVERY_CONFIG = textwrap.dedent("""
         names = (None,)
       for name in names:
         config = get_config() if name is None else get_config(name)
-        # The typed sections validate too (parallel: no stage > 1).
+        # The typed sections validate too (parallel: the mesh and pipeline).
         for section, cls in SECTIONS.items():
           if section in config:
             from_config(cls, config[section], section)
@@ -160,23 +160,32 @@ def test_modeling_package_exports_load_lazily():
 
 
 # ----------------------------------------------------------------------------
-# The mesh: no pipeline parallelism yet, so the stage axis must be 1
+# The mesh: a stage axis above 1 is a pipeline and needs its schedule
+# (tests/test_pipeline.py has the rest)
 # ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("stage", [2, 4, -1])
-def test_stage_axis_above_one_is_refused(stage):
-  message = r"parallel\.stage: .*pipeline parallelism does not exist yet.*" \
-            r"stage axis must be 1"
+@pytest.mark.parametrize("stage", [2, 4])
+def test_stage_axis_above_one_needs_pipeline_microbatches(stage):
+  message = r"parallel\.pipeline_microbatches: .*pipelines the layers"
   with pytest.raises(ConfigError, match=message):
     from_config(ParallelConfig, {"data": 1, "stage": stage}, "parallel")
   with pytest.raises(ConfigError, match=message):
     ParallelConfig(data=1, stage=stage).validate()
   # Nor can it reach a mesh another way: the --mesh flag or make_mesh.
-  with pytest.raises(ConfigError, match=r"mesh\.stage: .*pipeline"):
+  with pytest.raises(ConfigError, match=r"mesh\.pipeline_microbatches"):
     parse_mesh(f"data=1,stage={stage}")
-  with pytest.raises(ConfigError, match="pipeline parallelism"):
-    make_mesh(ParallelConfig(data=-1 if stage != -1 else 1, stage=stage))
+  with pytest.raises(ConfigError, match="pipeline_microbatches"):
+    make_mesh(ParallelConfig(data=-1, stage=stage))
+  parallel = from_config(ParallelConfig, {"data": -1, "stage": stage,
+                                          "pipeline_microbatches": 4},
+                         "parallel")
+  assert make_mesh(parallel).shape["stage"] == stage
+
+
+def test_stage_axis_cannot_be_inferred():
+  with pytest.raises(ConfigError, match=r"parallel\.stage: got -1.*fixed"):
+    from_config(ParallelConfig, {"data": 1, "stage": -1}, "parallel")
 
 
 def test_stage_axis_of_one_is_accepted():

@@ -2,11 +2,14 @@
 
 Blocks are created stacked (a leading `layers` axis on every parameter) and
 run with `jax.lax.scan`, so compile time does not grow with depth; the scan
-body is rematerialised according to `model.remat`.
+body is rematerialised according to `model.remat`. Under a pipeline schedule
+(`mllm_jax.parallel.pipeline`, set by the training step) the same scan runs
+per stage on micro-batches.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import jax
@@ -16,6 +19,7 @@ from flax import nnx
 from mllm_jax.modeling.attention import Attention, KVCache, attention_mask
 from mllm_jax.modeling.config import ModelConfig
 from mllm_jax.modeling.layers import MLP, Embed, RMSNorm, alibi_bias, param
+from mllm_jax.parallel import pipeline
 from mllm_jax.parallel.sharding import constrain
 
 if TYPE_CHECKING:
@@ -180,28 +184,48 @@ class Decoder(nnx.Module):
     graphdef, block_state = nnx.split(self.blocks)
     cache_index = None if cache is None else cache.index
 
+    # What goes with each row of x into every layer (the pipeline cuts these
+    # into micro-batches along with x).
+    rows = (positions, segment_ids, mask, bias)
+
     # The cache travels whole in the carry and each layer writes its slice in
     # place (as scan outputs, every step would copy all of it).
-    def layer(carry, scanned):
+    def layer(carry, scanned, rows=rows):
       x, kv = carry
       state, layer_peft, index = scanned
       block = nnx.merge(graphdef, state)
       layer_cache = None if kv is None else (*kv, index)
-      x, layer_cache = block(x, positions, segment_ids, mask, bias,
-                             layer_cache, cache_index, has_prefix, layer_peft)
+      x, layer_cache = block(x, *rows, layer_cache, cache_index, has_prefix,
+                             layer_peft)
       return (x, None if kv is None else layer_cache[:2]), None
 
     use_remat, policy = remat_policy(cfg.remat)
-    scan_layer = (jax.checkpoint(layer, policy=policy, prevent_cse=False)
-                  if use_remat else layer)
+
+    def scan_layers(carry, scanned, rows=rows):
+      """Runs the stacked layers in `scanned`, each rematerialised."""
+      body = functools.partial(layer, rows=rows)
+      if use_remat:
+        body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+      count = jax.tree.leaves(scanned[0])[0].shape[0]
+      return jax.lax.scan(body, carry, scanned,
+                          unroll=min(cfg.scan_unroll, count))[0]
+
     carry = (x, None if cache is None else (cache.k, cache.v))
     per_layer = cache is not None and cache.per_layer
-    if layers is None:
+    schedule = pipeline.current_pipeline() if cache is None and layers is None else None
+    if schedule is not None:  # Training forward under a pipeline schedule.
+      if peft_inputs is not None:
+        raise ValueError("pipeline stages do not take per-layer PEFT inputs "
+                         "(prefix keys, LoRA dropout) yet; use parallel."
+                         "stage=1 with this method")
+      stack = lambda state, x, rows: scan_layers(
+          (x, None), (state, None, None), rows)[0]
+      carry = (pipeline.run(schedule, stack, block_state, x, rows), None)
+    elif layers is None:
       if per_layer:
         raise ValueError("a per-layer KVCache needs layers=layer_states()")
       scanned = (block_state, peft_inputs, jnp.arange(cfg.num_layers))
-      carry, _ = jax.lax.scan(scan_layer, carry, scanned,
-                              unroll=min(cfg.scan_unroll, cfg.num_layers))
+      carry = scan_layers(carry, scanned)
     else:  # One traced copy per layer, each reading its own arrays.
       for i, state in enumerate(layers):
         layer_peft = jax.tree.map(lambda a, i=i: a[i], peft_inputs)

@@ -11,9 +11,10 @@ import dataclasses
 import math
 from typing import Any
 
-from mllm_jax.configlib import ConfigError, check
+from mllm_jax.configlib import ConfigError, check, check_choice
 
 MESH_AXES = ("data", "stage", "fsdp", "sequence", "tensor")
+PIPELINE_SCHEDULES = ("gpipe", "circular")
 
 # (logical name, mesh axis / tuple of mesh axes / None for replicated), ...
 Rules = tuple[tuple[str, Any], ...]
@@ -46,10 +47,17 @@ class ParallelConfig:
   """Mesh axis sizes (-1: whatever the other axes leave) and the rules table.
 
   `data` replicates parameters; `fsdp` shards them (ZeRO-3) and the batch;
-  `tensor` shards heads and MLP width (Megatron style); `stage` and `sequence`
-  are reserved for pipeline and sequence parallelism and default to 1.
-  There is no pipeline schedule yet, so `validate` refuses `stage` > 1 (the
-  rules would only shard the stacked layers across it, FSDP over layers).
+  `tensor` shards heads and MLP width (Megatron style); `sequence` is
+  reserved for sequence parallelism and defaults to 1.
+
+  `stage` > 1 turns on pipeline parallelism (`mllm_jax.parallel.pipeline`):
+  the decoder's layers are split into `stage` contiguous groups, one per
+  position on the `stage` axis, and each (accumulation) micro-batch is cut
+  into `pipeline_microbatches` pieces that flow through them. The schedule
+  is "gpipe" (each stage runs its layers once per piece) or "circular"
+  (each stage holds `pipeline_repeats` groups of layers and every piece
+  goes round the ring that many times, shrinking the bubble by as much).
+  Its size must be fixed (not -1): it decides how the layers are cut.
   """
   data: int = -1
   stage: int = 1
@@ -57,6 +65,11 @@ class ParallelConfig:
   sequence: int = 1
   tensor: int = 1
   rules: Rules = DEFAULT_RULES
+  # Pipeline (only with stage > 1): pieces per micro-batch, the schedule,
+  # and for "circular" how many times each piece goes round the stages.
+  pipeline_microbatches: int = 0
+  pipeline_schedule: str = "gpipe"
+  pipeline_repeats: int = 1
 
   def validate(self, prefix: str = "parallel") -> None:
     sizes = self.axis_sizes()
@@ -65,11 +78,7 @@ class ParallelConfig:
     for name, size in zip(MESH_AXES, sizes):
       check(size == -1 or size >= 1, f"{prefix}.{name}",
             f"mesh axis size must be >= 1 or -1, got {size}")
-    check(self.stage == 1, f"{prefix}.stage",
-          f"got {self.stage}, but pipeline parallelism does not exist yet: "
-          f"the stage axis must be 1 (a larger one would only shard the "
-          f"stacked layers, FSDP over layers, not a pipeline); use fsdp or "
-          f"data instead")
+    self._validate_pipeline(prefix)
     for i, rule in enumerate(self.rules):
       check(len(rule) == 2 and isinstance(rule[0], str), f"{prefix}.rules[{i}]",
             f"a rule is (logical_name, mesh_axes), got {rule!r}")
@@ -79,6 +88,42 @@ class ParallelConfig:
         check(axis in MESH_AXES, f"{prefix}.rules[{i}]",
               f"unknown mesh axis {axis!r} for {rule[0]!r}; mesh axes are "
               f"{MESH_AXES}")
+
+  def _validate_pipeline(self, prefix: str) -> None:
+    check(self.stage >= 1, f"{prefix}.stage",
+          f"got {self.stage}; the pipeline's stage count must be fixed (it "
+          f"decides how the layers are cut), not -1")
+    check_choice(self.pipeline_schedule, PIPELINE_SCHEDULES,
+                 f"{prefix}.pipeline_schedule")
+    check(self.pipeline_repeats >= 1, f"{prefix}.pipeline_repeats",
+          f"must be >= 1, got {self.pipeline_repeats}")
+    if self.stage == 1:
+      check(self.pipeline_microbatches == 0 and self.pipeline_repeats == 1,
+            f"{prefix}.stage", "pipeline_microbatches / pipeline_repeats "
+            "are set but stage is 1, so there is no pipeline; set stage > 1 "
+            "or leave them at 0 / 1")
+      return
+    check(self.pipeline_microbatches >= 1, f"{prefix}.pipeline_microbatches",
+          f"stage={self.stage} pipelines the layers, which needs the number "
+          f"of micro-batches that flow through the stages (>= 1, best a few "
+          f"times stage), got {self.pipeline_microbatches}")
+    if self.pipeline_schedule == "gpipe":
+      check(self.pipeline_repeats == 1, f"{prefix}.pipeline_repeats",
+            f"got {self.pipeline_repeats}, but gpipe runs each stage's "
+            f"layers once; use pipeline_schedule='circular' for repeats")
+    else:
+      check(self.pipeline_repeats >= 2, f"{prefix}.pipeline_repeats",
+            f"circular needs >= 2 repeats (with 1 it is gpipe), got "
+            f"{self.pipeline_repeats}")
+      check(self.pipeline_microbatches >= self.stage,
+            f"{prefix}.pipeline_microbatches",
+            f"circular needs at least as many micro-batches as stages "
+            f"({self.stage}) so that a micro-batch leaving the last stage "
+            f"finds the first one free, got {self.pipeline_microbatches}")
+    layers = dict(self.rules).get("layers")
+    check(layers == "stage" or layers == ("stage",), f"{prefix}.rules",
+          f"a pipeline keeps each stage's layers on its own devices, so "
+          f"'layers' must map to 'stage', got {layers!r}")
 
   def axis_sizes(self) -> tuple[int, ...]:
     return tuple(getattr(self, name) for name in MESH_AXES)

@@ -25,6 +25,8 @@ from mllm_jax.configlib import ConfigError, check
 from mllm_jax.modeling import ModelConfig
 from mllm_jax.parallel.config import ParallelConfig
 from mllm_jax.parallel.mesh import check_divisible
+from mllm_jax.parallel.pipeline import (Schedule, check_pipeline, schedule_of,
+                                        traced_with)
 from mllm_jax.parallel.sharding import (create_sharded, logical_to_spec,
                                         param_shardings, use_mesh)
 from mllm_jax.train.config import OptimizerConfig, TrainConfig
@@ -38,7 +40,8 @@ from mllm_jax.train.task import TrainTask, split_trainable
 def check_layout(model_cfg: ModelConfig, parallel: ParallelConfig,
                  batch_size: int, grad_accum_steps: int,
                  num_devices: int) -> None:
-  """The trainer's pre-compile checks: heads and (micro-)batches divide."""
+  """The trainer's pre-compile checks: heads, (micro-)batches and the
+  pipeline's layer groups divide."""
   check_divisible(parallel, num_devices, num_heads=model_cfg.num_heads,
                   num_kv_heads=model_cfg.kv_heads, batch_size=batch_size)
   micro = batch_size // grad_accum_steps
@@ -46,6 +49,7 @@ def check_layout(model_cfg: ModelConfig, parallel: ParallelConfig,
   check(micro % shards == 0, "train.grad_accum_steps",
         f"micro-batches of {micro} sequences do not divide over the "
         f"data-parallel size {shards}")
+  check_pipeline(parallel, model_cfg.num_layers, micro, shards)
 
 
 def check_run(model_cfg: ModelConfig, parallel: ParallelConfig,
@@ -86,6 +90,7 @@ class TrainProgram:
   batch_sharding: NamedSharding
   step: Any  # jit(step(state, frozen, batch) -> (state, metrics))
   eval_step: Any  # jit(eval(params, frozen, batch) -> sums)
+  pipeline: Schedule | None = None  # the layers' schedule over `stage`
 
   @property
   def state_shardings(self):
@@ -121,13 +126,16 @@ def build_program(task: TrainTask, parallel: ParallelConfig,
   state_shardings = param_shardings(state, mesh, rules)
   frozen_shardings = param_shardings(frozen, mesh, rules)
   batch_shardings = batch_sharding(mesh, rules)
+  # With parallel.stage > 1 both steps trace the decoder's layers through
+  # the pipeline schedule (mllm_jax/parallel/pipeline.py).
+  pipeline = schedule_of(parallel)
   step = jax.jit(
-      make_train_step(graphdef, optimizer, schedule, task.loss,
-                      train_cfg.grad_accum_steps),
+      traced_with(make_train_step(graphdef, optimizer, schedule, task.loss,
+                                  train_cfg.grad_accum_steps), pipeline),
       in_shardings=(state_shardings, frozen_shardings, batch_shardings),
       out_shardings=(state_shardings, None), donate_argnums=(0,))
   eval_step = jax.jit(
-      make_eval_step(graphdef, task.loss),
+      traced_with(make_eval_step(graphdef, task.loss), pipeline),
       in_shardings=(state_shardings["params"], frozen_shardings,
                     batch_shardings))
   return TrainProgram(
@@ -135,7 +143,8 @@ def build_program(task: TrainTask, parallel: ParallelConfig,
       optimizer=optimizer, schedule=schedule,
       state=with_shardings(state, state_shardings),
       frozen=with_shardings(frozen, frozen_shardings),
-      batch_sharding=batch_shardings, step=step, eval_step=eval_step)
+      batch_sharding=batch_shardings, step=step, eval_step=eval_step,
+      pipeline=pipeline)
 
 
 def initial_state(program: TrainProgram, seed: int

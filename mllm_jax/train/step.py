@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from mllm_jax.parallel.sharding import constrain
+from mllm_jax.parallel.pipeline import split_rows
 from mllm_jax.train.optimizer import Optimizer
 from mllm_jax.train.task import Batch, LossFn
 
@@ -55,14 +55,8 @@ def model_loss(graphdef: nnx.GraphDef, loss: LossFn) -> Callable:
 
 def split_micro_batches(batch: Batch, count: int) -> Batch:
   """[B, ...] -> [count, B / count, ...], micro-batch i = rows i, i+count, ...
-
-  Interleaving keeps every micro-batch spread over all data-parallel devices
-  (each holds a contiguous block of rows), so splitting moves no data.
-  """
-  def split(x):
-    x = x.reshape(x.shape[0] // count, count, *x.shape[1:]).swapaxes(0, 1)
-    return constrain(x, (None, "act_batch") + (None,) * (x.ndim - 2))
-  return jax.tree.map(split, batch)
+  (`pipeline.split_rows`: the cut moves no data)."""
+  return jax.tree.map(lambda x: split_rows(x, count), batch)
 
 
 # Primitives whose sub-jaxpr receives the equation's operands one to one.

@@ -115,6 +115,10 @@ def train(task: TrainTask, parallel: ParallelConfig,
           f"{task.weights_source or f'the seed ({seed})'}; mesh "
           f"{dict(mesh.shape)}; peak {peak:.3g} FLOP/s per device "
           f"({peak_source})")
+  if program.pipeline is not None:
+    # The schedule's idle share, logged once: it is fixed by the config.
+    console(f"pipeline: {program.pipeline.describe()}")
+    writer.write(start, {"pipeline_bubble": program.pipeline.bubble})
 
   def evaluate() -> dict[str, float]:
     totals: dict[str, float] = {}

@@ -1,0 +1,195 @@
+"""Pipeline parallelism on the `stage` axis: same loss and gradients as no
+pipeline, the schedule's bubble, checkpoints across pipeline layouts."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mllm_jax.configlib import ConfigError, from_config
+from mllm_jax.parallel.config import ParallelConfig
+from mllm_jax.parallel.mesh import make_mesh
+from mllm_jax.parallel.pipeline import Schedule, run
+from mllm_jax.parallel.sharding import use_mesh
+from mllm_jax.train.checkpoint import Checkpointer
+from mllm_jax.train.compile import build_program, check_layout, initial_state
+from mllm_jax.train.config import OptimizerConfig, TrainConfig
+from mllm_jax.train.task import language_model_task
+from tests.helpers import rel_err, tiny_config
+
+# 8 layers: 2 or 4 stages, with 1 or 2 repeats, all cut evenly.
+CFG = tiny_config("tiny", num_layers=8, remat="full")
+BATCH, SEQ = 16, 16
+# Unclipped, so that AdamW's first moment holds the gradients (`gradients`).
+OPTIMIZER = OptimizerConfig(learning_rate=1e-2, warmup_steps=0, clip_norm=0)
+TRAIN = TrainConfig(steps=4, batch_size=BATCH)
+BASELINE = dict(data=2, fsdp=2, tensor=2)
+# (mesh and pipeline fields): 2 and 4 stages, several micro-batch counts,
+# both schedules, with fsdp and tensor beside them.
+PIPELINES = {
+    "gpipe-2x2": dict(stage=2, fsdp=2, tensor=2, pipeline_microbatches=2),
+    "gpipe-4x8": dict(stage=4, fsdp=2, pipeline_microbatches=8),
+    "circular-2x4x2": dict(stage=2, fsdp=2, tensor=2, pipeline_microbatches=4,
+                           pipeline_schedule="circular", pipeline_repeats=2),
+    "circular-4x4x2": dict(stage=4, tensor=2, pipeline_microbatches=4,
+                           pipeline_schedule="circular", pipeline_repeats=2),
+}
+
+
+def parallel_config(fields) -> ParallelConfig:
+  fields = {"data": 1, **fields}
+  return from_config(ParallelConfig, fields, "parallel")
+
+
+def batch():
+  rng = np.random.RandomState(0)
+  tokens = rng.randint(1, CFG.vocab_size, (BATCH, SEQ + 1)).astype(np.int32)
+  segments = np.ones((BATCH, SEQ), np.int32)
+  segments[::3, SEQ // 2:] = 2  # packed rows: two sequences
+  positions = np.where(segments == 2, np.arange(SEQ) - SEQ // 2,
+                       np.arange(SEQ)).astype(np.int32)
+  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+          "loss_weights": (rng.rand(BATCH, SEQ) > 0.2).astype(np.float32),
+          "segment_ids": segments, "positions": positions}
+
+
+@functools.lru_cache(maxsize=None)
+def trained(name: str):
+  """(program, parameters before, metrics and state after one training step)
+  on the mesh and schedule PIPELINES names (or the baseline's)."""
+  parallel = parallel_config(PIPELINES.get(name, BASELINE))
+  check_layout(CFG, parallel, BATCH, 1, jax.device_count())
+  mesh = make_mesh(parallel)
+  program = build_program(language_model_task(CFG), parallel, OPTIMIZER,
+                          TRAIN, mesh)
+  state, frozen = initial_state(program, seed=0)
+  before = jax.device_get(state["params"])
+  with use_mesh(mesh, program.rules):
+    state, metrics = program.step(state, frozen, jax.device_put(
+        batch(), program.batch_sharding))
+  return program, before, jax.device_get((metrics, state))
+
+
+def gradients(state):
+  """The step's gradients, read back from AdamW's first moment: after one
+  unclipped step it holds (1 - b1) x gradient (and the second moment
+  (1 - b2) x gradient squared)."""
+  return jax.tree.map(lambda mu: mu / (1 - OPTIMIZER.b1),
+                      jax.tree.leaves(state["opt_state"], is_leaf=lambda x:
+                                      hasattr(x, "mu"))[0].mu)
+
+
+@pytest.mark.parametrize("name", list(PIPELINES))
+def test_pipeline_matches_no_pipeline(name):
+  _, before, (metrics, state) = trained(name)
+  _, want_before, (want_metrics, want_state) = trained("baseline")
+  for got, want in zip(jax.tree.leaves(before), jax.tree.leaves(want_before)):
+    np.testing.assert_array_equal(got, want)  # the same starting point
+  for key in ("loss", "grad_norm", "weight"):
+    assert rel_err(metrics[key], want_metrics[key]) < 1e-5, key
+  grads = jax.tree.leaves_with_path(gradients(state))
+  want_grads = jax.tree.leaves(gradients(want_state))
+  assert len(grads) == len(want_grads) == len(jax.tree.leaves(before))
+  for (path, got), want in zip(grads, want_grads):
+    assert rel_err(got, want) < 1e-5, jax.tree_util.keystr(path)
+
+
+def test_checkpoint_restores_across_pipeline_layouts(tmp_path):
+  """Parameters keep their [layers, ...] layout under every schedule, so a
+  checkpoint written with stages restores without them and back, bit for
+  bit (Orbax reshards to the target mesh)."""
+  piped, _, (_, after) = trained("circular-2x4x2")
+  plain = trained("baseline")[0]
+  params = after["params"]
+  state = {"params": params}
+
+  def save_restore(directory, tree, target):
+    checkpointer = Checkpointer(str(directory), every=1, keep=1,
+                                async_save=False)
+    checkpointer.save(1, tree, {}, force=True)
+    restored, _ = checkpointer.restore(1, {"params": target.state["params"]})
+    checkpointer.close()
+    return restored
+
+  without = save_restore(tmp_path / "a", state, plain)
+  back = save_restore(tmp_path / "b", without, piped)
+  for got, mid, want in zip(jax.tree.leaves(back), jax.tree.leaves(without),
+                            jax.tree.leaves(params)):
+    np.testing.assert_array_equal(np.asarray(mid), want)
+    np.testing.assert_array_equal(np.asarray(got), want)
+  q = back["params"]["blocks"]["attn"]["q"]
+  assert q.sharding == piped.state["params"]["blocks"]["attn"]["q"].sharding
+
+
+@pytest.mark.parametrize("stages,micro,repeats", [
+    (2, 1, 1), (2, 4, 1), (4, 4, 1), (4, 8, 1), (2, 2, 2), (2, 3, 4),
+    (4, 4, 2), (4, 6, 2)])
+def test_bubble_matches_the_schedule_formula(stages, micro, repeats):
+  """The loop, run on the stage axis, keeps each stage idle (S - 1) of
+  M R + S - 1 iterations, and puts every row through every layer once in
+  order (each layer here is x -> 2x + its index)."""
+  schedule = Schedule(stages, micro, repeats)
+  layers = stages * repeats * 2
+  mesh = make_mesh(parallel_config(dict(stage=stages, data=8 // stages,
+                                        pipeline_microbatches=micro)))
+
+  def stack(w, x, rows):
+    return jax.lax.scan(lambda x, wi: (2 * x + wi + rows[:, None], None),
+                        x, w)[0]
+
+  x = jnp.arange(micro * 8 * 2, dtype=jnp.float32).reshape(-1, 2) / 64
+  offsets = jnp.ones(x.shape[0]) * 0.5
+  with use_mesh(mesh, ParallelConfig().rules):
+    out, busy = jax.jit(functools.partial(
+        run, schedule, stack, names=("act_batch", None), return_busy=True))(
+            jnp.arange(layers, dtype=jnp.float32), x, offsets)
+  want = np.asarray(x, np.float64)
+  for i in range(layers):
+    want = 2 * want + i + 0.5
+  np.testing.assert_allclose(out, want, rtol=1e-6)
+  measured = 1 - np.asarray(busy).mean()
+  formula = (stages - 1) / (micro * repeats + stages - 1)
+  assert busy.shape == (micro * repeats + stages - 1, stages)
+  assert measured == pytest.approx(formula) == pytest.approx(schedule.bubble)
+  assert (schedule.table() == "").mean() == pytest.approx(formula)
+  # Each stage works on every (micro-batch, repeat) exactly once.
+  for column in schedule.table().T:
+    assert sorted(c for c in column if c) == sorted(
+        f"{m}.{r}" for m in range(micro) for r in range(repeats))
+
+
+@pytest.mark.parametrize("fields,field", [
+    (dict(stage=2), r"parallel\.pipeline_microbatches: .*needs the number"),
+    (dict(stage=-1), r"parallel\.stage: .*fixed"),
+    (dict(stage=1, pipeline_microbatches=4), r"parallel\.stage: .*no pipeline"),
+    (dict(stage=2, pipeline_microbatches=4, pipeline_schedule="1f1b"),
+     r"parallel\.pipeline_schedule: got '1f1b'"),
+    (dict(stage=2, pipeline_microbatches=4, pipeline_repeats=2),
+     r"parallel\.pipeline_repeats: .*gpipe runs"),
+    (dict(stage=2, pipeline_microbatches=4, pipeline_schedule="circular"),
+     r"parallel\.pipeline_repeats: circular needs >= 2"),
+    (dict(stage=4, pipeline_microbatches=2, pipeline_schedule="circular",
+          pipeline_repeats=2), r"parallel\.pipeline_microbatches: circular"),
+    (dict(stage=2, pipeline_microbatches=2, rules=(("layers", None),)),
+     r"parallel\.rules: .*'layers' must map to 'stage'"),
+])
+def test_bad_pipeline_configs_name_the_field(fields, field):
+  with pytest.raises(ConfigError, match=field):
+    parallel_config(fields)
+
+
+def test_layers_and_batch_that_do_not_cut_evenly_are_refused():
+  parallel = parallel_config(dict(stage=4, fsdp=2, pipeline_microbatches=4,
+                                  pipeline_schedule="circular",
+                                  pipeline_repeats=4))
+  with pytest.raises(ConfigError, match=r"parallel\.pipeline_repeats: .*"
+                     r"num_layers=8 .* 16 equal groups"):
+    check_layout(CFG, parallel, BATCH, 1, 8)
+  parallel = parallel_config(dict(stage=2, fsdp=4, pipeline_microbatches=8))
+  with pytest.raises(ConfigError, match=r"parallel\.pipeline_microbatches: "
+                     r"8 pipeline micro-batches of a 16-sequence batch"):
+    check_layout(CFG, parallel, BATCH, 1, 8)

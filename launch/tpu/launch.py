@@ -20,7 +20,6 @@ import os
 import re
 import shlex
 import subprocess
-import sys
 import time
 
 from absl import app, flags

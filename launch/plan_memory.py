@@ -88,6 +88,9 @@ EXIT_NONE_FITS = 2
 # Relative recomputation cost, for ordering only (the report uses the
 # traced FLOPs of each compiled plan).
 REMAT_ORDER = {"none": 0, "offload_dots": 1, "save_dots": 1, "full": 2}
+# Device memory the policies keep, most first: offloading the saved dots to
+# the host keeps less than saving them on the device.
+REMAT_KEEPS = {"none": 0, "save_dots": 1, "offload_dots": 2, "full": 3}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,7 +114,7 @@ class Plan:
     """Same mesh, and at least `other`'s micro-batch with no more
     recomputation: then it needs at least `other`'s memory."""
     return (self.same_mesh(other) and self.micro >= other.micro and
-            REMAT_ORDER[self.remat] <= REMAT_ORDER[other.remat])
+            REMAT_KEEPS[self.remat] <= REMAT_KEEPS[other.remat])
 
   def same_mesh(self, other: "Plan") -> bool:
     return ((self.data, self.fsdp, self.tensor, self.stage) ==
@@ -176,19 +179,21 @@ def step_estimates(report: dict, plan: Plan, mfu: float) -> dict:
 
   - `step_seconds` = analytic model FLOPs / (chips x peak x MFU), the
     trainer's MFU definition: the same for every plan of one batch.
-  - `step_seconds_recompute` = that x (traced matmul FLOPs / analytic FLOPs)
-    / (1 - pipeline bubble): the MFU read as the share of peak every
-    executed matmul runs at, so recomputation and idle pipeline stages cost
-    time. Plans are ranked by this one.
+  - `step_seconds_recompute` = that x (traced matmul FLOPs / analytic
+    FLOPs): the MFU read as the share of peak every executed matmul runs
+    at, so recomputation costs time. Plans are ranked by this one. With a
+    pipeline the traced FLOPs already hold the bubble: idle stages compute
+    on stale data (mllm_jax/parallel/pipeline.py), so the bubble
+    (S - 1) / (M + S - 1) is reported, not applied a second time.
   """
   bubble = ((plan.stage - 1) / (plan.micro + plan.stage - 1)
             if plan.stage > 1 else 0.0)
-  base = aot.step_seconds(report["flops_analytic"],
-                                  report["devices"], report["peak_flops"], mfu)
+  base = aot.step_seconds(report["flops_analytic"], report["devices"],
+                          report["peak_flops"], mfu)
   recompute = report["flops_traced"] / report["flops_analytic"]
   return {"step_seconds": base, "recompute_factor": recompute,
           "pipeline_bubble": bubble,
-          "step_seconds_recompute": base * recompute / (1 - bubble)}
+          "step_seconds_recompute": base * recompute}
 
 
 def plan_config(config, plan: Plan):
@@ -218,6 +223,8 @@ class Search:
     """Why `plan` need not be compiled, or ''."""
     for row in self.rows:
       done = row["plan"]
+      if row["status"] == "invalid" and plan.same_mesh(done):
+        return f"its mesh is invalid: {row['why']}"
       if row["status"] == "does not fit" and plan.needs_at_least(done):
         return f"needs at least {done.remat}, micro {done.micro}'s memory"
       if (row["status"] == "fits" and done.needs_at_least(plan)
@@ -315,8 +322,9 @@ def markdown(rows: list[dict], header: dict) -> str:
       "| HBM | step @ MFU (model / with recompute) | tokens/s | compile |",
       "|---|---|---|---|---|---|---|---|---|",
   ]
-  order = {"fits": 0, "does not fit": 1, "invalid": 2, "skipped": 3}
-  for row in sorted(rows, key=lambda r: (r is not top, order[r["status"]])):
+  order = {"fits": 0, "does not fit": 1, "invalid": 2}
+  shown = [r for r in rows if r["status"] != "skipped"]
+  for row in sorted(shown, key=lambda r: (r is not top, order[r["status"]])):
     plan = row["plan"]
     cells = [plan.mesh, plan.remat,
              f"{plan.micro} / {plan.accum}" if plan.micro else "any",
@@ -333,6 +341,11 @@ def markdown(rows: list[dict], header: dict) -> str:
       secs = row.get("compile_seconds")
       cells += [row["why"], "", "", "", f"{secs:.0f} s" if secs else ""]
     lines.append("| " + " | ".join(cells) + " |")
+  skipped = [r for r in rows if r["status"] == "skipped"]
+  if skipped:
+    lines += ["", f"Skipped without compiling, as decided by the rows above: "
+              f"{len(skipped)} plans (a plan that fits rules out slower ones "
+              f"on its mesh, one that does not fit rules out hungrier ones)."]
   untried = header["untried"]
   if untried:
     lines += ["", f"Not compiled: {untried} more plans after --max_plans="

@@ -97,7 +97,9 @@ def test_step_time_follows_its_formula(runs):
     assert row["pipeline_bubble"] == 0.0
 
 
-def test_pipeline_bubble_lengthens_the_step():
+def test_pipeline_bubble_is_reported_and_not_applied_twice():
+  # The pipeline's idle stages compute on stale data, so the traced FLOPs
+  # (130 here) already hold the bubble's work.
   report = {"flops_analytic": 100.0, "flops_traced": 130.0, "devices": 4,
             "peak_flops": 10.0}
   plan = Plan(data=1, fsdp=1, tensor=1, stage=4, remat="full", micro=4,
@@ -105,7 +107,7 @@ def test_pipeline_bubble_lengthens_the_step():
   est = plan_memory.step_estimates(report, plan, mfu=0.5)
   assert est["step_seconds"] == pytest.approx(100 / (4 * 10 * 0.5))
   assert est["pipeline_bubble"] == pytest.approx(3 / 7)
-  assert est["step_seconds_recompute"] == pytest.approx(5 * 1.3 / (1 - 3 / 7))
+  assert est["step_seconds_recompute"] == pytest.approx(5 * 1.3)
 
 
 def test_bad_flags_fail_by_name(runs):

@@ -34,6 +34,7 @@ from launch.aot import (GIB, Target, compile_step, parse_topology,  # noqa: F401
                         resolve_target, analyse)
 from mllm_jax.configlib import ConfigError, check
 from mllm_jax.modeling import count_params
+from mllm_jax.parallel.pipeline import schedule_of
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training config file and preset, e.g. "
@@ -93,6 +94,9 @@ def main(argv):
         f"({model_cfg.param_dtype} weights, {model_cfg.dtype} compute), "
         f"remat={model_cfg.remat!r}")
   print(f"mesh     {dict(run.mesh.shape)}")
+  if (schedule := schedule_of(parallel)) is not None:
+    print(f"pipeline {schedule.describe()} (idle time the implied step time "
+          f"below leaves out)")
   print(f"batch    {train_cfg.batch_size} x {run.seq_len} = {run.tokens:,} "
         f"tokens per step, grad_accum_steps={train_cfg.grad_accum_steps} "
         f"(micro-batch of {run.micro_per_shard(chips)} sequences per data "

@@ -34,6 +34,11 @@ def load() -> None:
               alternative=ALTERNATIVE)
 
 
+# Under vmap (the pipeline's stages, `parallel/pipeline.py`) the kernel runs
+# once per vmapped index: each stage's device holds one, so the loop is 1 long.
+VMAP_METHOD = "sequential"
+
+
 def _like(x: jax.Array, shape=None) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct(x.shape if shape is None else shape,
                               jnp.float32)
@@ -41,8 +46,8 @@ def _like(x: jax.Array, shape=None) -> jax.ShapeDtypeStruct:
 
 def _forward(q, k, v, bias):
   b, t, h, _ = q.shape
-  out, lse = jax.ffi.ffi_call(FORWARD, (_like(q), _like(q, (b, h, t))))(
-      q, k, v, bias)
+  out, lse = jax.ffi.ffi_call(FORWARD, (_like(q), _like(q, (b, h, t))),
+                              vmap_method=VMAP_METHOD)(q, k, v, bias)
   return out, (q, k, v, bias, out, lse)
 
 
@@ -50,8 +55,9 @@ def _backward(residuals, d_out):
   q, k, v, bias, out, lse = residuals
   # rowsum(P * dP) == rowsum(dO * O), one streaming pass here.
   deltas = jnp.einsum("bthd,bthd->bth", d_out, out)
-  d_q, d_k, d_v = jax.ffi.ffi_call(BACKWARD, (_like(q), _like(k), _like(v)))(
-      q, k, v, bias, deltas, lse, d_out)
+  d_q, d_k, d_v = jax.ffi.ffi_call(
+      BACKWARD, (_like(q), _like(k), _like(v)), vmap_method=VMAP_METHOD)(
+          q, k, v, bias, deltas, lse, d_out)
   return d_q, d_k, d_v, None
 
 

@@ -227,7 +227,10 @@ def run(schedule: Schedule, stack: Callable, weights: Any, x: jax.Array,
   to_stages = lambda a: a.reshape((s,) + (1,) * (pieces.ndim - 1))
 
   def one_stage(stage_weights, repeat, x, micro):
-    group = jax.tree.map(lambda a: a[repeat], stage_weights)
+    # GPipe's one group is a static slice; circular picks this repeat's
+    # group (a gather; its gradient is a scatter into all R groups).
+    group = jax.tree.map(lambda a: a[0] if r == 1 else a[repeat],
+                         stage_weights)
     return stack(group, x, jax.tree.map(lambda a: a[micro], rows))
 
   all_stages = jax.vmap(one_stage, spmd_axis_name=(

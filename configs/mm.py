@@ -1,0 +1,79 @@
+"""Multimodal stage presets: `--config=configs/mm.py:NAME`.
+
+  align_tiny     stage 1 (launch.mm_align): a text checkpoint (with a
+                 tokenizer that has `<image>`) + the tiny ViT + a fresh
+                 mlp2x_gelu projector; only the projector trains, on real
+                 captioned images (Tux Paint stamps) in LLaVA's "plain"
+                 stage-1 form (image, caption, newline), 32 px, 64-token
+                 rows.
+  instruct_tiny  stage 2 (launch.mm_instruct): from stage 1's WORKDIR/model,
+                 projector + LLM train on easy-vqa questions through the VQA
+                 templates, LLaVA's conversation format (`llava_v1`),
+                 256-token rows;
+                 `--config.data.format=minigpt4` for MiniGPT-4's.
+
+The run, mesh, optimizer and train sections are configs/stages.py's; the
+`vision` and `projector` sections are configs/vision.py's presets (read only
+by stage 1, which builds the tower; stage 2 takes all three parts from its
+init_checkpoint).
+"""
+
+import dataclasses
+
+import ml_collections
+
+from configs.stages import finetune_config
+from configs.vision import projector_config, vision_config
+
+STAGES = ("align", "instruct")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Preset:
+  stage: str
+  format: str
+  caption_sources: tuple = ("tuxpaint",)
+  caption_kind: str = "plain"
+  vqa_sources: tuple = ("easy_vqa",)
+  steps: int = 100
+  batch_size: int = 8
+  seq_len: int = 64
+  learning_rate: float = 1e-3
+
+
+PRESETS = {
+    "align_tiny": _Preset("align", "llava_plain"),
+    "instruct_tiny": _Preset("instruct", "llava_v1", seq_len=256,
+                             learning_rate=3e-4),
+}
+
+
+def get_config(name: str = "align_tiny") -> ml_collections.ConfigDict:
+  if name not in PRESETS:
+    raise ValueError(f"unknown multimodal preset {name!r}; choose one of "
+                     f"{sorted(PRESETS)}")
+  p = PRESETS[name]
+  config = finetune_config(tiny=True, steps=p.steps,
+                           batch_size=p.batch_size, seq_len=p.seq_len,
+                           learning_rate=p.learning_rate)
+  config.stage = p.stage
+  # The decoder's table is decoder.embed.table here (configs/stages.py's
+  # default no_decay is written for a bare decoder).
+  config.optimizer.no_decay = ("norm", r"embed\.")
+  config.optimizer.backend = "optax"
+  config.vision = vision_config("tiny")
+  config.projector = projector_config("mlp2x_gelu", dtype="float32")
+  config.bidirectional_images = False
+  config.data = ml_collections.ConfigDict(dict(
+      # A chat format (chat.FORMATS; mm_stage adds "llava_plain" and
+      # "minigpt4").
+      format=p.format,
+      caption_sources=p.caption_sources,  # stage 1 (image_sets)
+      caption_kind=p.caption_kind,  # "plain" or "instruct"
+      vqa_sources=p.vqa_sources,  # stage 2 (image_sets)
+      max_examples=2000,  # training examples read (0: all)
+      eval_examples=64,  # held-out examples
+      max_images=1,  # image places per row
+      seed=0))
+  config.lock()
+  return config

@@ -1,0 +1,227 @@
+"""The two multimodal training stages, as values handed to the one trainer.
+
+    stage 1, align     text checkpoint + vision tower (seeded) + fresh
+                       projector; only the projector trains, on image-caption
+                       pairs (plain captioning or a brief-description
+                       instruction), encoder and LLM frozen.
+    stage 2, instruct  stage 1's model; projector and LLM train on visual
+                       questions through the VQA templates, the loss on the
+                       answers only, encoder frozen.
+
+Both read real images offline (`data.image_sets`), render conversations in a
+chat format (LLaVA's `llava_v1`, or MiniGPT-4's `###Human: <Img><image></Img>
+... ###Assistant:`), expand and check placeholders on the host
+(`data.mm_batch`) and train `train.multimodal_task` through
+`trainer.train`, so killing and restarting a run resumes it exactly. The
+result is a native multimodal checkpoint with the tokenizer beside it
+(WORKDIR/model), which stage 2 and `launch.convert_checkpoint` read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+import shutil
+from typing import Any
+
+import jax
+import numpy as np
+
+from mllm_jax.configlib import ConfigError, check, check_choice, from_config
+from mllm_jax.convert import multimodal as mm_io
+from mllm_jax.convert import native
+from mllm_jax.data import chat, image_sets, image_templates, images, mm_batch
+from mllm_jax.data.tokenizer import IMAGE, load_tokenizer
+from mllm_jax.modeling.multimodal import MultimodalConfig
+from mllm_jax.modeling.vision_config import ProjectorConfig, VisionConfig
+from mllm_jax.parallel.config import ParallelConfig
+from mllm_jax.train.compile import check_run
+from mllm_jax.train.config import OptimizerConfig, TrainConfig
+from mllm_jax.train.finetune import base_model_config
+from mllm_jax.train.metrics import console
+from mllm_jax.train.multimodal_task import STAGE_TRAINABLE, multimodal_task
+from mllm_jax.train.trainer import train
+
+# MiniGPT-4's format: the image between <Img> and </Img> in the human turn,
+# "###" closing each message (on its own line after an answer so that it
+# never merges with the answer's last punctuation into one token).
+MINIGPT4 = chat.register_format(chat.TurnFormat(
+    "minigpt4", system="{system}", user="###Human: {content}",
+    assistant="###Assistant:", answer=" {content}", end_of_turn="\n###",
+    default_system=("Give the following image: <Img>ImageContent</Img>. "
+                    "You will be able to see the image once I provide it "
+                    "to you. Please answer my questions.")))
+MINIGPT4_IMAGE = f"<Img>{IMAGE}</Img>"
+# LLaVA's stage-1 "plain" conversation: the image, the caption, a newline.
+PLAIN = chat.register_format(chat.TurnFormat(
+    "llava_plain", system="", user="{content}", assistant="",
+    answer="{content}", end_of_turn="\n"))
+
+
+def _minigpt4(conv: chat.Conversation) -> chat.Conversation:
+  """The image placeholder wrapped as MiniGPT-4 writes it."""
+  turns = tuple(t if t.role != chat.USER else chat.Turn(
+      t.role, t.content.replace(IMAGE, MINIGPT4_IMAGE), t.input)
+                for t in conv.turns)
+  return chat.Conversation(conv.id, turns, conv.system, conv.images)
+
+
+def model_config(config, tokenizer) -> MultimodalConfig:
+  """Stage 1: the text checkpoint's decoder with this run's choices, the
+  config's tower and projector. Stage 2: the stage-1 checkpoint's."""
+  run = {k: v for k, v in config.run.to_dict().items() if k != "dtype" or v}
+  if config.stage == "instruct":
+    if not mm_io.is_multimodal(config.init_checkpoint):
+      raise ConfigError(
+          f"init_checkpoint: {config.init_checkpoint} holds no "
+          f"{mm_io.CONFIG_FILE}; stage 2 starts from stage 1's WORKDIR/model "
+          f"(launch.mm_align) or a converted LLaVA")
+    cfg = mm_io.read_config(config.init_checkpoint, **run)
+    if config.bidirectional_images != cfg.bidirectional_images:
+      cfg = MultimodalConfig(cfg.model, cfg.vision, cfg.projector,
+                             cfg.image_token_id, config.bidirectional_images)
+  else:
+    model = base_model_config(config.init_checkpoint, config.run.to_dict())
+    try:
+      image_id = tokenizer.special_token_id(IMAGE)
+    except KeyError as e:
+      raise ConfigError(f"init_checkpoint: {e}; train the tokenizer with "
+                        f"the special tokens (launch.train_tokenizer)") from e
+    cfg = MultimodalConfig(
+        model, from_config(VisionConfig, config.vision, "vision"),
+        from_config(ProjectorConfig, config.projector, "projector"),
+        image_id, config.bidirectional_images)
+  cfg.validate()
+  return cfg
+
+
+def read_examples(config, cfg: MultimodalConfig, tokenizer, fmt
+                  ) -> tuple[list, list, dict]:
+  """(train, held-out) prepared examples of this stage, and the counts of
+  what was read, kept and dropped (and why)."""
+  data = config.data
+  sets = image_sets.ImageSetsConfig(
+      caption_sources=tuple(data.caption_sources),
+      caption_kind=data.caption_kind, vqa_sources=tuple(data.vqa_sources),
+      seed=data.seed)
+  stats = chat.ChatStats()
+  if config.stage == "align":
+    train_raw, held_raw = image_sets.caption_split(sets, stats)
+  else:
+    train_items, test_items = image_sets.vqa_items(sets, stats)
+    order = np.random.default_rng(data.seed)
+    pick = lambda items, n: [items[i] for i in sorted(order.permutation(
+        len(items))[:n or len(items)])]
+    train_raw = image_templates.vqa_examples(
+        pick(train_items, data.max_examples), data.seed, stats=stats)
+    held_raw = image_templates.vqa_examples(
+        pick(test_items, data.eval_examples), data.seed, stats=stats)
+  image_cfg = images.ImageConfig(size=cfg.vision.image_size)
+
+  fit = dict(max_len=config.seq_len + 1, image_token_id=cfg.image_token_id,
+             tokens_per_image=cfg.tokens_per_image)
+
+  def prepare(raw, limit):
+    """Encoded, placeholders expanded and checked, fitted to a row once
+    (so what truncation drops is counted here, not batch after batch)."""
+    out = []
+    for ex in raw:
+      if fmt.name == MINIGPT4.name:
+        ex = images.ImageExample(ex.id, _minigpt4(ex.conversation),
+                                 ex.images)
+      try:
+        record = images.prepare(ex, image_cfg, stats, tokenizer, fmt)
+      except chat.ChatFormatError as e:
+        stats.add(chat.readers.Drop("format_shift", str(e)[:200]))
+        continue
+      if record is not None:
+        record = mm_batch.fit_to_row(mm_batch.expand_placeholders(
+            record, cfg.image_token_id, cfg.tokens_per_image),
+                                     stats=stats, **fit)
+      if record is not None:
+        out.append(record)
+      if limit and len(out) >= limit:
+        break
+    return out
+
+  train_examples = prepare(train_raw, data.max_examples)
+  held_out = prepare(held_raw, data.eval_examples)
+  summary = stats.summary()
+  check(bool(train_examples), "seq_len" if summary["dropped"].get(
+      "no_answer_after_truncation") else "data",
+        f"no usable training example ({summary})")
+  console(f"{config.stage}: {len(train_examples):,} training and "
+          f"{len(held_out):,} held-out examples; dropped "
+          f"{summary['dropped'] or 'none'}")
+  return train_examples, held_out, summary
+
+
+def batch_args(config, cfg: MultimodalConfig) -> dict[str, Any]:
+  size = cfg.vision.image_size
+  return dict(seq_len=config.seq_len, max_images=config.data.max_images,
+              image_shape=(size, size, cfg.vision.num_channels),
+              image_token_id=cfg.image_token_id,
+              tokens_per_image=cfg.tokens_per_image)
+
+
+def start_weights(config, cfg: MultimodalConfig):
+  """The task's load_weights: stage 1 restores only the decoder from the
+  text checkpoint (tower and projector keep their seeded values); stage 2
+  restores everything from its multimodal checkpoint."""
+  path = config.init_checkpoint
+  if config.stage == "instruct":
+    return lambda targets: mm_io.restore_params(path, targets)
+  native.check_architecture(path, cfg.model, "init_checkpoint")
+  return lambda targets: {"decoder": native.restore_params(
+      path, targets["decoder"])}
+
+
+def run_stage(config, workdir: str, stage: str) -> dict[str, Any]:
+  """Runs stage `stage` ("align" / "instruct") in `workdir`, resuming a
+  run found there; writes WORKDIR/model and WORKDIR/summary.json."""
+  check_choice(config.stage, (stage,), "stage")
+  tokenizer = load_tokenizer(config.init_checkpoint)
+  cfg = model_config(config, tokenizer)
+  parallel = from_config(ParallelConfig, config.parallel, "parallel")
+  optimizer_cfg = from_config(OptimizerConfig, config.optimizer, "optimizer")
+  train_cfg = from_config(TrainConfig, config.train, "train")
+  check_run(cfg.model, parallel, optimizer_cfg, train_cfg, config.seq_len,
+            "seq_len")
+  try:
+    fmt = chat.get_format(config.data.format, tokenizer)
+  except (ValueError, FileNotFoundError) as e:
+    raise ConfigError(f"data.format: {e}") from e
+  train_examples, held_out, data_summary = read_examples(config, cfg,
+                                                         tokenizer, fmt)
+  args = batch_args(config, cfg)
+  train_iter = mm_batch.MultimodalBatches(
+      train_examples, batch_size=train_cfg.batch_size, seed=config.data.seed,
+      **args)
+  eval_batches = [
+      mm_batch.make_batch(held_out[i:i + train_cfg.batch_size]
+                          + [None] * max(0, i + train_cfg.batch_size
+                                         - len(held_out)), **args)
+      for i in range(0, len(held_out), train_cfg.batch_size)]
+  task = dataclasses.replace(
+      multimodal_task(cfg, trainable=STAGE_TRAINABLE[stage],
+                      name=f"mm_{stage}"),
+      load_weights=start_weights(config, cfg),
+      weights_source=config.init_checkpoint)
+  os.makedirs(workdir, exist_ok=True)
+  last, model = train(task, parallel, optimizer_cfg, train_cfg, config.seed,
+                      workdir, train_iter, eval_batches)
+  model_dir = os.path.join(workdir, "model")
+  mm_io.save_model(model_dir, cfg, model, overwrite=True)
+  summary = {"stage": stage, "base": config.init_checkpoint,
+             "format": fmt.name, "tokens_per_image": cfg.tokens_per_image,
+             "train_examples": len(train_examples),
+             "held_out_examples": len(held_out), "data": data_summary,
+             "batches": train_iter.stats.summary(), "last": last}
+  if jax.process_index() == 0:
+    for path in glob.glob(os.path.join(config.init_checkpoint, "tokenizer*")):
+      shutil.copy(path, model_dir)
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=2, default=float)
+  return summary

@@ -1,0 +1,117 @@
+"""launch.mm_align (stage 1) and launch.mm_instruct (stage 2) as a user runs
+them, on real captioned images and easy-vqa questions: stage 1 killed and
+resumed continues bitwise; only the projector moved in stage 1 (tower and
+LLM bit-identical to where they started); stage 2 in MiniGPT-4's format
+starts from stage 1's model and moves projector and LLM, not the tower."""
+
+import shutil
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from mllm_jax.convert import multimodal as mm_io
+from mllm_jax.convert import native
+from mllm_jax.data.tokenizer import load_tokenizer, train_sentencepiece
+from mllm_jax.modeling import Decoder
+from mllm_jax.modeling.multimodal import MultimodalModel
+from mllm_jax.paths import data_path
+from tests.helpers import tiny_config
+from tests.test_pretrain import finish, train_losses, wait_for_step
+from tests.test_stages import REPO
+
+COMMON = ["--config.train.log_every=1", "--config.optimizer.warmup_steps=0",
+          "--config.train.async_checkpoint=False",
+          "--config.data.eval_examples=8"]
+ALIGN = ["--config=configs/mm.py:align_tiny", *COMMON,
+         "--config.train.steps=6", "--config.train.checkpoint_every=3",
+         "--config.train.eval_every=3", "--config.data.max_examples=48"]
+INSTRUCT = ["--config=configs/mm.py:instruct_tiny", *COMMON,
+            "--config.train.steps=2", "--config.train.checkpoint_every=2",
+            "--config.train.eval_every=2", "--config.data.max_examples=32",
+            "--config.data.format=minigpt4"]
+
+
+@pytest.fixture(scope="module")
+def text_base(tmp_path_factory):
+  """A tiny random decoder with a 600-piece BPE tokenizer that has the
+  special tokens (`<image>` among them), as launch.pretrain writes it."""
+  root = tmp_path_factory.mktemp("mm_base")
+  model = train_sentencepiece(
+      [data_path("sentencepiece", "sentencepiece-0.2.3", "test",
+                 "botchan.txt")], str(root / "sp" / "tok"), 600)
+  cfg = tiny_config("tiny", vocab_size=640, max_seq_len=256)
+  native.save_model(str(root / "ckpt"), cfg, Decoder(cfg, rngs=nnx.Rngs(0)))
+  shutil.copy(model, root / "ckpt" / "tokenizer.model")
+  assert load_tokenizer(str(root / "ckpt")).special_token_id("<image>") >= 0
+  return root / "ckpt"
+
+
+def run(binary, workdir, *args):
+  return subprocess.Popen(
+      [sys.executable, "-m", f"launch.{binary}", f"--workdir={workdir}",
+       *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True)
+
+
+def params(model_dir):
+  return mm_io.load_params(str(model_dir))[1]
+
+
+def assert_parts(got, want, same, moved):
+  for part in same:
+    for a, b in zip(jax.tree.leaves(got[part]), jax.tree.leaves(want[part])):
+      np.testing.assert_array_equal(a, b, err_msg=part)
+  for part in moved:
+    assert any(not np.array_equal(a, b) for a, b in zip(
+        jax.tree.leaves(got[part]), jax.tree.leaves(want[part]))), part
+
+
+def test_stage1_resumes_bitwise_and_stage2_starts_from_it(tmp_path,
+                                                          text_base):
+  base = f"--config.init_checkpoint={text_base}"
+  straight = tmp_path / "straight"
+  finish(run("mm_align", straight, *ALIGN, base), timeout=600)
+  want = train_losses(straight)
+  assert sorted(want) == list(range(1, 7))
+
+  killed = tmp_path / "killed"
+  proc = run("mm_align", killed, *ALIGN, base)
+  wait_for_step(proc, killed, 4, timeout=600)
+  proc.send_signal(signal.SIGKILL)
+  proc.communicate()
+  log = finish(run("mm_align", killed, *ALIGN, base), timeout=600)
+  assert "restored step 3" in log
+  assert train_losses(killed) == want
+
+  # Stage 1 trained the projector only: the tower is the seed's, the LLM
+  # the text checkpoint's, bit for bit.
+  stage1 = params(straight / "model")
+  cfg = mm_io.read_config(str(straight / "model"))
+  seeded = nnx.to_pure_dict(jax.jit(lambda: nnx.state(
+      MultimodalModel(cfg, nnx.Rngs(0))))())
+  seeded["decoder"] = native.load_params(str(text_base))[1]
+  assert_parts(stage1, seeded, same=("vision", "decoder"),
+               moved=("projector",))
+  assert (straight / "model" / "tokenizer.model").exists()
+
+  # Stage 2 (MiniGPT-4 format) from stage 1: projector and LLM move.
+  instruct = tmp_path / "instruct"
+  finish(run("mm_instruct", instruct, *INSTRUCT,
+             f"--config.init_checkpoint={straight / 'model'}"), timeout=600)
+  assert sorted(train_losses(instruct)) == [1, 2]
+  assert_parts(params(instruct / "model"), stage1, same=("vision",),
+               moved=("projector", "decoder"))
+
+
+def test_stage2_refuses_a_text_checkpoint(tmp_path, text_base):
+  out = subprocess.run(
+      [sys.executable, "-m", "launch.mm_instruct", f"--workdir={tmp_path}",
+       *INSTRUCT, f"--config.init_checkpoint={text_base}"], cwd=REPO,
+      capture_output=True, text=True)
+  assert out.returncode != 0
+  assert "init_checkpoint" in out.stderr and "stage 1" in out.stderr

@@ -23,7 +23,8 @@ micro-batch, the least tensor and pipeline parallelism and the most FSDP.
 Memory only grows with a larger micro-batch or less recomputation, so a plan
 that does not fit rules out, without compiling, every plan on the same mesh
 that needs at least as much; and a plan that fits rules out the slower,
-smaller ones on its mesh. At most --max_plans plans are compiled.
+smaller ones on its mesh. At most --max_plans plans are compiled to an
+executable (refusals for lack of memory come in seconds and are not counted).
 
 Writes DIR/plans.md and DIR/plans.json. Exit status: 0 at least one plan
 fits, 1 bad flags/config/topology, 2 none fits.
@@ -78,8 +79,10 @@ _STAGE = flags.DEFINE_list(
     "the pipeline fields parallel.pipeline_*; each micro-batch is cut into "
     "micro_batch pipeline pieces).")
 _MAX_PLANS = flags.DEFINE_integer(
-    "max_plans", 8, "Compile at most this many plans (each takes from "
-    "seconds on CPU to minutes for a 65B model on a pod topology).")
+    "max_plans", 8, "Compile at most this many plans to an executable (each "
+    "takes seconds on CPU to minutes for a 65B model on a pod topology); "
+    "plans the compiler refuses for lack of memory, which it does in "
+    "seconds, are not counted.")
 _OUTPUT_DIR = flags.DEFINE_string(
     "output_dir", "", "Write plans.md and plans.json here.")
 flags.mark_flags_as_required(["config", "topology"])
@@ -216,6 +219,8 @@ class Search:
     self.config, self.target = config, target
     self.mfu, self.max_plans = mfu, max_plans
     self.rows: list[dict] = []
+    # Executables built; a refusal for lack of memory (libtpu's
+    # RESOURCE_EXHAUSTED, before code generation, in seconds) is not one.
     self.compiled = 0
     self.untried = 0  # left when --max_plans was reached
 
@@ -245,7 +250,6 @@ class Search:
       # (an axis that is no product of whole physical axes).
       return {**row, "status": "invalid", "why": "no device layout: " +
               str(e).split(". ")[0]}
-    self.compiled += 1
     result = aot.compile_step(run)
     if result.compiled is None:
       need = _out_of_memory_gib(result.out_of_memory)
@@ -257,6 +261,7 @@ class Search:
       report = aot.analyse(run, result, self.target, self.mfu)
       report.update(step_estimates(report, plan, self.mfu))
       row.update(report, status="fits" if report["fits"] else "does not fit")
+      self.compiled += 1
     del run, result
     jax.clear_caches()
     gc.collect()

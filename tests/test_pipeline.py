@@ -10,7 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs.vision import projector_config, vision_config
 from mllm_jax.configlib import ConfigError, from_config
+from mllm_jax.data import mm_batch
+from mllm_jax.modeling.multimodal import MultimodalConfig
+from mllm_jax.modeling.vision_config import ProjectorConfig, VisionConfig
 from mllm_jax.parallel.config import ParallelConfig
 from mllm_jax.parallel.mesh import make_mesh
 from mllm_jax.parallel.pipeline import Schedule, run
@@ -18,6 +22,7 @@ from mllm_jax.parallel.sharding import use_mesh
 from mllm_jax.train.checkpoint import Checkpointer
 from mllm_jax.train.compile import build_program, check_layout, initial_state
 from mllm_jax.train.config import OptimizerConfig, TrainConfig
+from mllm_jax.train.multimodal_task import STAGE_TRAINABLE, multimodal_task
 from mllm_jax.train.task import language_model_task
 from tests.helpers import rel_err, tiny_config
 
@@ -28,10 +33,11 @@ BATCH, SEQ = 16, 16
 OPTIMIZER = OptimizerConfig(learning_rate=1e-2, warmup_steps=0, clip_norm=0)
 TRAIN = TrainConfig(steps=4, batch_size=BATCH)
 BASELINE = dict(data=2, fsdp=2, tensor=2)
-# (mesh and pipeline fields): 2 and 4 stages, several micro-batch counts,
-# both schedules, with fsdp and tensor beside them.
+# (mesh and pipeline fields): 2 and 4 stages, 2, 4 and 8 micro-batches,
+# both schedules, with fsdp and tensor beside them (GPIPE_2X2 runs the
+# multimodal model, the decoder's other caller).
+GPIPE_2X2 = dict(stage=2, fsdp=2, tensor=2, pipeline_microbatches=2)
 PIPELINES = {
-    "gpipe-2x2": dict(stage=2, fsdp=2, tensor=2, pipeline_microbatches=2),
     "gpipe-4x8": dict(stage=4, fsdp=2, pipeline_microbatches=8),
     "circular-2x4x2": dict(stage=2, fsdp=2, tensor=2, pipeline_microbatches=4,
                            pipeline_schedule="circular", pipeline_repeats=2),
@@ -98,6 +104,44 @@ def test_pipeline_matches_no_pipeline(name):
     assert rel_err(got, want) < 1e-5, jax.tree_util.keystr(path)
 
 
+def test_multimodal_model_matches_no_pipeline():
+  """The decoder with a vision tower and projector (the multimodal stages'
+  model): image features are spliced in before the pipelined layers, so
+  loss and gradients (projector and LM trained, tower frozen) match. The
+  tower's stacked layers shard over `stage` as FSDP (2 layers here)."""
+  model = tiny_config("tiny")
+  vision = from_config(VisionConfig, vision_config("tiny", num_layers=2),
+                       "vision")
+  projector = from_config(ProjectorConfig, projector_config(
+      "mlp2x_gelu", dtype="float32"), "projector")
+  cfg = MultimodalConfig(model, vision, projector, image_token_id=7)
+  rng = np.random.RandomState(0)
+  examples = [{"ids": np.r_[rng.randint(10, 500, 3), 7,
+                            rng.randint(10, 500, 9)].astype(np.int32),
+               "weights": np.r_[np.zeros(4), np.ones(9)].astype(np.float32),
+               "images": rng.randn(1, 32, 32, 3).astype(np.float32)}
+              for _ in range(8)]
+  data = mm_batch.make_batch(examples, seq_len=32, max_images=1,
+                             image_shape=(32, 32, 3), image_token_id=7,
+                             tokens_per_image=cfg.tokens_per_image)
+  results = []
+  for fields in (BASELINE, GPIPE_2X2):
+    parallel = parallel_config(fields)
+    mesh = make_mesh(parallel)
+    program = build_program(
+        multimodal_task(cfg, trainable=STAGE_TRAINABLE["instruct"]), parallel,
+        OPTIMIZER, TrainConfig(steps=4, batch_size=8), mesh)
+    state, frozen = initial_state(program, seed=0)
+    with use_mesh(mesh, program.rules):
+      state, metrics = program.step(state, frozen, jax.device_put(
+          data, program.batch_sharding))
+    results.append(jax.device_get((metrics, gradients(state))))
+  (metrics, grads), (want_metrics, want_grads) = results[1], results[0]
+  assert rel_err(metrics["loss"], want_metrics["loss"]) < 1e-5
+  for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+    assert rel_err(got, want) < 1e-5
+
+
 def test_checkpoint_restores_across_pipeline_layouts(tmp_path):
   """Parameters keep their [layers, ...] layout under every schedule, so a
   checkpoint written with stages restores without them and back, bit for
@@ -126,8 +170,7 @@ def test_checkpoint_restores_across_pipeline_layouts(tmp_path):
 
 
 @pytest.mark.parametrize("stages,micro,repeats", [
-    (2, 1, 1), (2, 4, 1), (4, 4, 1), (4, 8, 1), (2, 2, 2), (2, 3, 4),
-    (4, 4, 2), (4, 6, 2)])
+    (2, 1, 1), (4, 8, 1), (2, 3, 4), (4, 6, 2)])
 def test_bubble_matches_the_schedule_formula(stages, micro, repeats):
   """The loop, run on the stage axis, keeps each stage idle (S - 1) of
   M R + S - 1 iterations, and puts every row through every layer once in

@@ -74,6 +74,13 @@ def get_config(name: str = "align_tiny") -> ml_collections.ConfigDict:
       max_examples=2000,  # training examples read (0: all)
       eval_examples=64,  # held-out examples
       max_images=1,  # image places per row
+      # Text-only conversations mixed in (stage 2): "" (none), "random" (in
+      # the same batches, LaVIN) or "sequential" (text first, MultiInstruct),
+      # text_fraction of the training examples, from text_files (chat
+      # JSON/JSONL; "": the fetched ShareGPT dump).
+      text_mix="",
+      text_fraction=0.2,
+      text_files="",
       seed=0))
   config.lock()
   return config

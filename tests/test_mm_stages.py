@@ -2,8 +2,10 @@
 them, on real captioned images and easy-vqa questions: stage 1 killed and
 resumed continues bitwise; only the projector moved in stage 1 (tower and
 LLM bit-identical to where they started); stage 2 in MiniGPT-4's format
-starts from stage 1's model and moves projector and LLM, not the tower."""
+starts from stage 1's model, with text-only conversations mixed into its
+batches, and moves projector and LLM, not the tower."""
 
+import json
 import shutil
 import signal
 import subprocess
@@ -99,11 +101,21 @@ def test_stage1_resumes_bitwise_and_stage2_starts_from_it(tmp_path,
                moved=("projector",))
   assert (straight / "model" / "tokenizer.model").exists()
 
-  # Stage 2 (MiniGPT-4 format) from stage 1: projector and LLM move.
+  # Stage 2 (MiniGPT-4 format, text-only conversations in the same
+  # batches) from stage 1: projector and LLM move.
+  texts = tmp_path / "texts.jsonl"
+  texts.write_text("".join(json.dumps({"id": f"t{i}", "messages": [
+      {"role": "user", "content": f"Say the number {i}."},
+      {"role": "assistant", "content": f"{i}."}]}) + "\n" for i in range(8)))
   instruct = tmp_path / "instruct"
   finish(run("mm_instruct", instruct, *INSTRUCT,
-             f"--config.init_checkpoint={straight / 'model'}"), timeout=600)
+             f"--config.init_checkpoint={straight / 'model'}",
+             "--config.data.text_mix=random",
+             f"--config.data.text_files={texts}"), timeout=600)
   assert sorted(train_losses(instruct)) == [1, 2]
+  summary = json.load(open(instruct / "summary.json"))
+  assert summary["format"] == "minigpt4"
+  assert summary["data"]["notes"]["text_only_examples"] == 8
   assert_parts(params(instruct / "model"), stage1, same=("vision",),
                moved=("projector", "decoder"))
 

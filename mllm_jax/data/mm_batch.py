@@ -171,23 +171,28 @@ def make_batch(examples: Sequence[Example | None], *, seq_len: int,
 
 class MultimodalBatches:
   """Batches of `make_batch` over a list of examples, in a seeded order
-  reshuffled every pass, forever; the state (pass and position) is small
+  reshuffled every pass (or in their own order with shuffle=False: a
+  sequential text-then-image mixture), forever; the state (pass and
+  position) is small
   JSON, so the trainer checkpoints it with the train state and a resumed
   run sees the same batches. Examples dropped by truncation leave their row
   empty (all padding): the layout never depends on what was dropped."""
 
   def __init__(self, examples: Sequence[Example], *, batch_size: int,
-               seed: int, **batch_args: Any):
-    if not examples:
+               seed: int, shuffle: bool = True, **batch_args: Any):
+    if not len(examples):
       raise ValueError("MultimodalBatches: no examples")
     self.examples = examples
     self.batch_size = batch_size
     self.seed = seed
+    self.shuffle = shuffle
     self.batch_args = batch_args
     self.stats = batch_args.pop("stats", None) or ChatStats()
     self.epoch, self.position = 0, 0
 
   def _order(self) -> np.ndarray:
+    if not self.shuffle:
+      return np.arange(len(self.examples))
     return np.random.default_rng([self.seed, self.epoch]).permutation(
         len(self.examples))
 
@@ -200,7 +205,7 @@ class MultimodalBatches:
       if self.position == len(order):
         self.epoch, self.position = self.epoch + 1, 0
         order = self._order()
-      chosen.append(self.examples[order[self.position]])
+      chosen.append(self.examples[int(order[self.position])])
       self.position += 1
     return make_batch(chosen, stats=self.stats, **self.batch_args)
 

@@ -29,10 +29,12 @@ from typing import Any
 import jax
 import numpy as np
 
+from mllm_jax import paths
 from mllm_jax.configlib import ConfigError, check, check_choice, from_config
 from mllm_jax.convert import multimodal as mm_io
 from mllm_jax.convert import native
 from mllm_jax.data import chat, image_sets, image_templates, images, mm_batch
+from mllm_jax.data.image_templates import mix_text_only
 from mllm_jax.data.tokenizer import IMAGE, load_tokenizer
 from mllm_jax.modeling.multimodal import MultimodalConfig
 from mllm_jax.modeling.vision_config import ProjectorConfig, VisionConfig
@@ -152,10 +154,47 @@ def read_examples(config, cfg: MultimodalConfig, tokenizer, fmt
   check(bool(train_examples), "seq_len" if summary["dropped"].get(
       "no_answer_after_truncation") else "data",
         f"no usable training example ({summary})")
-  console(f"{config.stage}: {len(train_examples):,} training and "
+  if data.text_mix:
+    train_examples = _mix_text(config, train_examples, tokenizer, fmt,
+                               image_cfg, stats)
+    summary = stats.summary()
+  console(f"{config.stage}: {len(train_examples):,} training ("
+          f"{summary['notes'].get('text_only_examples', 0)} text-only) and "
           f"{len(held_out):,} held-out examples; dropped "
           f"{summary['dropped'] or 'none'}")
   return train_examples, held_out, summary
+
+
+def _mix_text(config, image_examples: list, tokenizer, fmt, image_cfg,
+              stats: chat.ChatStats):
+  """Text-only conversations (`data.text_files`, default the ShareGPT dump)
+  joined to the image examples by `data.text_mix` ("random": in the same
+  batches, LaVIN's way; "sequential": all text first, MultiInstruct's)."""
+  data = config.data
+  mix = image_templates.TextMixConfig(data.text_mix, data.text_fraction,
+                                      data.seed)
+  mix.validate("data")
+  want = max(1, round(len(image_examples) * data.text_fraction
+                      / (1 - data.text_fraction)))
+  texts = []
+  for conv in chat.read_conversations(data.text_files or paths.sharegpt_json(),
+                                      "auto", stats):
+    if conv.num_images:
+      continue
+    try:
+      record = chat.encode(conv, tokenizer, fmt, config.seq_len + 1,
+                           "rounds", stats)
+    except chat.ChatFormatError as e:
+      stats.add(chat.readers.Drop("format_shift", str(e)[:200]))
+      continue
+    if record is not None:
+      texts.append({"id": conv.id, **record, "images": np.zeros(
+          (0, image_cfg.size, image_cfg.size, 3), np.float32)})
+    if len(texts) >= want:
+      break
+  check(bool(texts), "data.text_files", "no usable text-only conversation")
+  stats.note("text_only_examples", len(texts))
+  return mix_text_only(image_examples, texts, mix)
 
 
 def batch_args(config, cfg: MultimodalConfig) -> dict[str, Any]:
@@ -198,7 +237,7 @@ def run_stage(config, workdir: str, stage: str) -> dict[str, Any]:
   args = batch_args(config, cfg)
   train_iter = mm_batch.MultimodalBatches(
       train_examples, batch_size=train_cfg.batch_size, seed=config.data.seed,
-      **args)
+      shuffle=config.data.text_mix != "sequential", **args)
   eval_batches = [
       mm_batch.make_batch(held_out[i:i + train_cfg.batch_size]
                           + [None] * max(0, i + train_cfg.batch_size
@@ -217,6 +256,7 @@ def run_stage(config, workdir: str, stage: str) -> dict[str, Any]:
   summary = {"stage": stage, "base": config.init_checkpoint,
              "format": fmt.name, "tokens_per_image": cfg.tokens_per_image,
              "train_examples": len(train_examples),
+             "text_mix": config.data.text_mix,
              "held_out_examples": len(held_out), "data": data_summary,
              "batches": train_iter.stats.summary(), "last": last}
   if jax.process_index() == 0:

@@ -254,7 +254,7 @@ class Search:
     if result.compiled is None:
       need = _out_of_memory_gib(result.out_of_memory)
       row.update(status="does not fit", why="compiler out of memory" +
-                 (f" (needs {need:.2f} GiB)" if need else ""),
+                 (f" (libtpu: {need:.2f} GiB needed)" if need else ""),
                  compiler_message=result.out_of_memory[:1000],
                  compile_seconds=result.seconds)
     else:
@@ -267,7 +267,10 @@ class Search:
     gc.collect()
     return row
 
-  def search(self, plans: list[Plan], configs_of) -> list[dict]:
+  def search(self, plans: list[Plan], configs_of,
+             after_each=lambda rows: None) -> list[dict]:
+    """Walks `plans` in order; `after_each(rows)` runs after every compile,
+    so a run stopped midway still leaves its table."""
     for plan in plans:
       why = self.decided(plan)
       if why:
@@ -278,18 +281,22 @@ class Search:
         continue
       row = self.run(plan, configs_of(plan))
       self.rows.append(row)
+      after_each(self.rows)
       logging.warning("%s %s micro %d: %s %s", plan.mesh, plan.remat,
                       plan.micro, row["status"], row.get("why", ""))
     return self.rows
 
 
 def _out_of_memory_gib(message: str) -> float:
-  """The size libtpu says it needed, from its RESOURCE_EXHAUSTED message."""
+  """What libtpu's RESOURCE_EXHAUSTED message says the temporaries need
+  ("... memory required for HLO temporaries (119.53G) exceeds available
+  HBM (30.75G)"), in GiB; 0 when it says no figure."""
   import re  # pylint: disable=g-import-not-at-top
-  match = re.search(r"Used ([\d.]+)([GM]) of", message)
+  match = re.search(r"\(([\d.]+)([KMG])\) exceeds", message)
   if not match:
     return 0.0
-  return float(match.group(1)) / (1024 if match.group(2) == "M" else 1)
+  return float(match.group(1)) / {"K": 2 ** 20, "M": 2 ** 10, "G": 1}[
+      match.group(2)]
 
 
 def pruned_row(plan: Plan, state: float) -> dict:
@@ -447,7 +454,6 @@ def main(argv):
     return aot.read_configs(plan_config(config, plan), platform)
 
   search = Search(config, target, _MFU.value, _MAX_PLANS.value)
-  rows = search.search(kept, configs_of) + list(too_big.values())
   header = {
       "config": config_flags.get_config_filename(flags.FLAGS["config"]),
       "overrides": _overrides(), "topology": _TOPOLOGY.value,
@@ -456,19 +462,25 @@ def main(argv):
       "batch_size": base.train.batch_size, "seq_len": base.seq_len,
       "tokens": base.train.batch_size * base.seq_len, "mfu": _MFU.value,
       "peak_flops": target.peak_flops, "peak_source": target.peak_source,
-      "pruned": len(plans) - len(kept),
-      "untried": search.untried,
-      "max_plans": _MAX_PLANS.value, "compiled": search.compiled,
+      "pruned": len(plans) - len(kept), "max_plans": _MAX_PLANS.value,
       "pipeline": "pipeline_microbatches" in config.parallel,
   }
-  table = markdown(rows, header)
-  print(table)
-  if _OUTPUT_DIR.value:
-    os.makedirs(_OUTPUT_DIR.value, exist_ok=True)
-    with open(os.path.join(_OUTPUT_DIR.value, "plans.md"), "w") as f:
-      f.write(table)
-    with open(os.path.join(_OUTPUT_DIR.value, "plans.json"), "w") as f:
-      json.dump(to_json(rows, header), f, indent=2)
+
+  def write(rows: list[dict]) -> str:
+    header.update(untried=search.untried, compiled=search.compiled)
+    rows = rows + list(too_big.values())
+    table = markdown(rows, header)
+    if _OUTPUT_DIR.value:
+      os.makedirs(_OUTPUT_DIR.value, exist_ok=True)
+      with open(os.path.join(_OUTPUT_DIR.value, "plans.md"), "w") as f:
+        f.write(table)
+      with open(os.path.join(_OUTPUT_DIR.value, "plans.json"), "w") as f:
+        json.dump(to_json(rows, header), f, indent=2)
+    return table
+
+  rows = search.search(kept, configs_of, write)
+  print(write(rows))
+  rows = rows + list(too_big.values())
   if best(rows) is None:
     sys.stderr.write("NO PLAN FITS among those compiled\n")
     sys.exit(EXIT_NONE_FITS)

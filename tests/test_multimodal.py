@@ -87,10 +87,24 @@ def mixed_batch(seed=0, rows=4):
   return batch_of([example(f"ex{i}", rng, k) for i, k in enumerate(counts)])
 
 
+def build(cfg, seed=0):
+  """MultimodalModel(cfg) initialised under jit (eager init is slow)."""
+  graphdef = nnx.graphdef(nnx.eval_shape(
+      lambda: MultimodalModel(cfg, nnx.Rngs(seed))))
+  state = jax.jit(lambda: nnx.state(MultimodalModel(cfg, nnx.Rngs(seed))))()
+  return nnx.merge(graphdef, state)
+
+
 @pytest.fixture(scope="module")
 def tiny():
   cfg = tiny_mm_config()
-  return cfg, MultimodalModel(cfg, nnx.Rngs(0))
+  return cfg, build(cfg)
+
+
+@nnx.jit
+def logits_of(model, batch):
+  return model(batch["inputs"], batch["images"], batch["image_slots"],
+               batch["positions"], batch["segment_ids"])
 
 
 # ----------------------------------------------------------------------------
@@ -267,9 +281,9 @@ def test_image_targets_carry_no_loss_and_images_matter(tiny):
   _, sums = _loss(model, everywhere)
   assert float(sums["weight"]) == float((batch["targets"] != IMAGE_ID).sum())
   # Changing row 0's second image changes row 0 after it, nothing else.
-  other = batch["images"].at[0, 1].multiply(-1.0)
-  a = model(batch["inputs"], batch["images"], batch["image_slots"])
-  b = model(batch["inputs"], other, batch["image_slots"])
+  a = logits_of(model, batch)
+  b = logits_of(model, dict(batch, images=batch["images"].at[0, 1].multiply(
+      -1.0)))
   first = int(np.flatnonzero(np.asarray(batch["image_slots"][0]) == 16)[0])
   assert np.allclose(a[0, :first], b[0, :first])
   assert not np.allclose(a[0, first:], b[0, first:])
@@ -292,15 +306,14 @@ def _loss_and_grads(model, batch):
 
 def test_bidirectional_images_on_every_masked_backend(tiny):
   cfg, model = tiny
-  batch = {k: jnp.asarray(v) for k, v in mixed_batch().items()}
+  batch = {k: jnp.asarray(v) for k, v in mixed_batch(rows=2).items()}
   causal = _loss_and_grads(model, batch)
   bidi_cfg = dataclasses.replace(cfg, bidirectional_images=True)
   want = _loss_and_grads(_with(model, bidi_cfg), batch)
   assert abs(float(want[0]) - float(causal[0])) > 1e-6  # it does something
   # Text before the first image sees no image token either way.
-  bidi = _with(model, bidi_cfg)
-  a = model(batch["inputs"], batch["images"], batch["image_slots"])
-  b = bidi(batch["inputs"], batch["images"], batch["image_slots"])
+  a = logits_of(model, batch)
+  b = logits_of(_with(model, bidi_cfg), batch)
   np.testing.assert_allclose(a[0, :3], b[0, :3], atol=1e-6)
   for backend, custom in (("xla", True), ("dot_product", False),
                           ("cpu_fused", False)):
@@ -401,3 +414,43 @@ def test_mixed_batch_trains_and_frozen_parts_stay_bit_identical(stage):
   moved = [not np.array_equal(a, np.asarray(b)) for a, b in zip(
       jax.tree.leaves(before), jax.tree.leaves(state["params"]))]
   assert all(moved)
+
+
+def test_lora_stage2_trains_projector_and_adapters_only():
+  """Stage 2 with LoRA on the LLM: the optimizer holds the projector and
+  the adapters; the decoder's own weights and the tower stay frozen and
+  bit-identical; merged, the LLM differs from the base."""
+  from mllm_jax.modeling import peft as peft_lib  # pylint: disable=import-outside-toplevel
+  from mllm_jax.modeling.peft_config import PeftConfig  # pylint: disable=import-outside-toplevel
+  cfg = tiny_mm_config()
+  lora = PeftConfig(method="lora", rank=4, targets=("q", "v"))
+  task = multimodal_task(cfg, trainable=STAGE_TRAINABLE["instruct"],
+                         peft=lora)
+  mesh = make_mesh(ParallelConfig(data=1), jax.devices()[:1])
+  program = build_program(
+      task, ParallelConfig(data=1),
+      OptimizerConfig(learning_rate=3e-3, warmup_steps=0, weight_decay=0.0),
+      TrainConfig(steps=3, batch_size=4), mesh, seed=0)
+  state, frozen = initial_state(program, seed=0)
+  trained = {path_name(p) for p, _ in
+             jax.tree_util.tree_leaves_with_path(state["params"])}
+  assert trained and all(p.startswith("projector.") or ".peft." in p
+                         for p in trained), sorted(trained)
+  before = jax.tree.map(np.asarray, frozen)
+  batch = jax.device_put({k: jnp.asarray(v) for k, v in
+                          mixed_batch().items()}, program.batch_sharding)
+  with use_mesh(mesh, program.rules):
+    for _ in range(3):
+      state, _ = program.step(state, frozen, batch)
+  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(frozen)):
+    np.testing.assert_array_equal(a, np.asarray(b))
+  model = nnx.merge(program.graphdef, state["params"], frozen)
+  merged = nnx.to_pure_dict(nnx.state(peft_lib.merge_lora(model.decoder)))
+  base = peft_lib.without_adapters(nnx.to_pure_dict(nnx.state(
+      model.decoder)))
+  assert not np.array_equal(merged["blocks"]["attn"]["q"],
+                            base["blocks"]["attn"]["q"])
+  np.testing.assert_array_equal(merged["blocks"]["attn"]["k"],
+                                base["blocks"]["attn"]["k"])
+  with pytest.raises(ConfigError, match="peft.method"):
+    multimodal_task(cfg, trainable=STAGE_TRAINABLE["align"], peft=lora)

@@ -21,7 +21,8 @@ attention backend that takes a mask supports it; the splash kernel is
 causal-only here, so that combination is refused by the config.
 
 Parameters live under `vision.`, `projector.` and `decoder.`; stages pick
-what trains with `task.path_filter` over those prefixes.
+what trains with `task.path_filter` over those prefixes. The decoder may
+carry LoRA adapters (`peft`), for stage 2 with LoRA on the LLM.
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ from flax import nnx
 
 from mllm_jax.configlib import ConfigError, check, from_config
 from mllm_jax.modeling.config import ModelConfig
-from mllm_jax.modeling.decoder import ACTIVATION, Decoder
+from mllm_jax.modeling.decoder import ACTIVATION
+from mllm_jax.modeling.peft import build_model
+from mllm_jax.modeling.peft_config import PeftConfig
 from mllm_jax.modeling.projectors import build_projector
 from mllm_jax.modeling.vision import VisionEncoder
 from mllm_jax.modeling.vision_config import ProjectorConfig, VisionConfig
@@ -132,13 +135,19 @@ def splice(text: jax.Array, image: jax.Array, image_slots: jax.Array
 class MultimodalModel(nnx.Module):
   """Vision tower, projector and decoder; see the module docstring."""
 
-  def __init__(self, cfg: MultimodalConfig, rngs: nnx.Rngs):
+  def __init__(self, cfg: MultimodalConfig, rngs: nnx.Rngs,
+               peft: PeftConfig | None = None):
+    """peft: LoRA on the decoder (other PEFT methods change the sequence
+    the decoder sees and are refused)."""
     cfg.validate()
+    if peft is not None and peft.method not in ("none", "lora"):
+      raise ConfigError(f"peft.method: {peft.method!r} is not supported by "
+                        f"the multimodal model; use 'lora' or 'none'")
     self.mm_cfg = cfg
     self.vision = VisionEncoder(cfg.vision, rngs)
     self.projector = build_projector(cfg.projector, cfg.vision.embed_dim,
                                      cfg.model.embed_dim, rngs)
-    self.decoder = Decoder(cfg.model, rngs)
+    self.decoder = build_model(cfg.model, peft, rngs)
 
   @property
   def cfg(self) -> ModelConfig:
@@ -197,10 +206,16 @@ def image_loss_mask(batch: Mapping[str, jax.Array], image_token_id: int
   return (batch["targets"] != image_token_id).astype(jnp.float32)
 
 
-def multimodal_loss(z_loss: float = 0.0):
+def multimodal_loss(z_loss: float = 0.0, peft: PeftConfig | None = None,
+                    seed: int = 0):
   """Next-token cross-entropy of a MultimodalModel, weighted by
-  `loss_weights` with image targets masked (`image_loss_mask`)."""
-  from mllm_jax.train.losses import head_cross_entropy  # pylint: disable=g-import-not-at-top
+  `loss_weights` with image targets masked (`image_loss_mask`); with LoRA
+  dropout when `peft` asks for it (its mask drawn from the batch, as for
+  text: `peft.batch_key`)."""
+  # pylint: disable=g-import-not-at-top
+  from mllm_jax.modeling.peft import batch_key, lora_dropout
+  from mllm_jax.train.losses import head_cross_entropy
+  # pylint: enable=g-import-not-at-top
 
   def loss(model: MultimodalModel, batch):
     x = model.hidden_states(batch["inputs"], batch["positions"],
@@ -212,4 +227,11 @@ def multimodal_loss(z_loss: float = 0.0):
         x, model.head_weight(), batch["targets"], weights, z_loss,
         model.cfg.loss_chunk_len)
     return loss_sum, {"weight": jnp.sum(weights), "loss": ce_sum}
-  return loss
+
+  if peft is None or peft.method != "lora" or not peft.dropout:
+    return loss
+
+  def with_dropout(model, batch):
+    with lora_dropout(batch_key(batch, seed)):
+      return loss(model, batch)
+  return with_dropout

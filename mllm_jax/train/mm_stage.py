@@ -28,6 +28,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import nnx
 
 from mllm_jax import paths
 from mllm_jax.configlib import ConfigError, check, check_choice, from_config
@@ -36,7 +37,9 @@ from mllm_jax.convert import native
 from mllm_jax.data import chat, image_sets, image_templates, images, mm_batch
 from mllm_jax.data.image_templates import mix_text_only
 from mllm_jax.data.tokenizer import IMAGE, load_tokenizer
+from mllm_jax.modeling import peft as peft_lib
 from mllm_jax.modeling.multimodal import MultimodalConfig
+from mllm_jax.modeling.peft_config import PeftConfig
 from mllm_jax.modeling.vision_config import ProjectorConfig, VisionConfig
 from mllm_jax.parallel.config import ParallelConfig
 from mllm_jax.train.compile import check_run
@@ -210,8 +213,9 @@ def start_weights(config, cfg: MultimodalConfig):
   text checkpoint (tower and projector keep their seeded values); stage 2
   restores everything from its multimodal checkpoint."""
   path = config.init_checkpoint
-  if config.stage == "instruct":
-    return lambda targets: mm_io.restore_params(path, targets)
+  if config.stage == "instruct":  # LoRA adapters keep their initialisation
+    return lambda targets: mm_io.restore_params(
+        path, peft_lib.without_adapters(targets))
   native.check_architecture(path, cfg.model, "init_checkpoint")
   return lambda targets: {"decoder": native.restore_params(
       path, targets["decoder"])}
@@ -226,6 +230,11 @@ def run_stage(config, workdir: str, stage: str) -> dict[str, Any]:
   parallel = from_config(ParallelConfig, config.parallel, "parallel")
   optimizer_cfg = from_config(OptimizerConfig, config.optimizer, "optimizer")
   train_cfg = from_config(TrainConfig, config.train, "train")
+  peft_cfg = from_config(PeftConfig, config.peft, "peft")
+  check(peft_cfg.method in ("none", "lora"), "peft.method",
+        f"got {peft_cfg.method!r}; the multimodal stages take 'none' or "
+        f"'lora' (LoRA on the LLM in stage 2)")
+  peft_cfg.check_model(cfg.model)
   check_run(cfg.model, parallel, optimizer_cfg, train_cfg, config.seq_len,
             "seq_len")
   try:
@@ -245,16 +254,22 @@ def run_stage(config, workdir: str, stage: str) -> dict[str, Any]:
       for i in range(0, len(held_out), train_cfg.batch_size)]
   task = dataclasses.replace(
       multimodal_task(cfg, trainable=STAGE_TRAINABLE[stage],
-                      name=f"mm_{stage}"),
+                      peft=peft_cfg, seed=config.seed, name=f"mm_{stage}"),
       load_weights=start_weights(config, cfg),
       weights_source=config.init_checkpoint)
   os.makedirs(workdir, exist_ok=True)
   last, model = train(task, parallel, optimizer_cfg, train_cfg, config.seed,
                       workdir, train_iter, eval_batches)
   model_dir = os.path.join(workdir, "model")
-  mm_io.save_model(model_dir, cfg, model, overwrite=True)
+  params = mm_io._pure(model)  # pylint: disable=protected-access
+  if peft_cfg.method == "lora":  # the LLM with its adapters merged in
+    merged = peft_lib.merge_lora(model.decoder)
+    cfg = dataclasses.replace(cfg, model=merged.cfg)
+    params["decoder"] = nnx.to_pure_dict(nnx.state(merged))
+  mm_io.save_model(model_dir, cfg, params, overwrite=True)
   summary = {"stage": stage, "base": config.init_checkpoint,
              "format": fmt.name, "tokens_per_image": cfg.tokens_per_image,
+             "peft": peft_cfg.method,
              "train_examples": len(train_examples),
              "text_mix": config.data.text_mix,
              "held_out_examples": len(held_out), "data": data_summary,

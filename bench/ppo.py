@@ -1,8 +1,9 @@
 r"""PPO iteration speed on CPU: one iteration of `launch.ppo` (rollout,
-scoring, learning) against TRL's PPOTrainer, same tiny model, same reward
-model, same prompts, same settings, same machine, same run.
+scoring, learning) against TRL's PPOTrainer and/or Tunix's PPOLearner, same
+tiny model, same reward model, same prompts, same settings, same machine,
+same run.
 
-  python bench/ppo.py [--sft=/tmp/demo_full/sft/model]
+  python bench/ppo.py [--peer=trl|tunix|both] [--sft=/tmp/demo_full/sft/model]
       [--reward=/tmp/rm1/reward_model] [--prompts=/tmp/cmp_all/train.jsonl]
       [--iterations=6] [--warmup=2] [--prompts_per_iteration=16]
       [--max_new_tokens=32] [--epochs=2] [--minibatches=2]
@@ -59,12 +60,25 @@ width the timed iterations will meet is compiled before the timing (the
 compile time is printed). TRL's is PPOTrainer.train() itself (HF
 `generate`, sdpa attention, `adamw_torch_fused`, float32, `use_cpu`).
 
+Tunix (--peer=tunix, or both): google-tunix 0.1.7 in its own venv
+(`.cache/bench-venvs/tunix`, made by sft_step's `peer_python`), its
+`PPOLearner` over an `RLCluster` with the "vanilla" rollout (Tunix's
+sampler), stepped in lock-step like TRL by bench/ppo_tunix.py, whose
+docstring lists the glue (llama3 models from the same export, critic and
+reward modules with our head and bias, the end-of-context row, the prompt
+ids) and where Tunix's PPO differs (it samples and scores each 8-prompt
+mini-batch just before its 2 epochs; no missing-end penalty of its own, so
+the reward module applies ours; a rope_theta its llama3 ignores, patched).
+Every role is on one CPU mesh, so Tunix does not overlap rollout and
+training. Tunix inherits our XLA_FLAGS.
+
 Printed: the host first; the same-weights checks; per side the median
 iteration time, iterations/s and where it goes (medians): generate (the
 sampler; TRL: `batch_generation`), reward (the reward model's forward),
 forwards+GAE (the rest of the scoring: reference / policy / critic forward
 passes, rewards, GAE), learn (epochs x minibatches of forward + backward +
-AdamW); last the ratio ours / TRL of iterations/s and the load average.
+AdamW); last the ratio ours / each peer of iterations/s and the load
+average.
 """
 
 from __future__ import annotations
@@ -92,6 +106,12 @@ TRL_VENV = os.path.join(CACHE, "bench-venvs", "trl-ppo")
 # bench/sft_step.py pins them.
 TRL_PINS = tuple("trl==1.12.0" if p.startswith("trl==") else p
                  for p in PEER_PINS)
+# Tunix (the second peer, --peer=tunix): its own venv, as bench/sft_step's
+# peer_python makes it; the child is bench/ppo_tunix.py.
+TUNIX_VENV = os.path.join(CACHE, "bench-venvs", "tunix")
+TUNIX_PINS = ("google-tunix==0.1.7",)
+TUNIX_CHILD = os.path.join(REPO, "bench", "ppo_tunix.py")
+PEER_NAMES = {"trl": "TRL PPOTrainer", "tunix": "Tunix PPOLearner"}
 LEARNING_RATE = 1e-4  # configs/ppo.py:tiny's
 PARTS = ("generate", "reward", "forwards+gae", "learn")
 
@@ -456,6 +476,17 @@ def describe(name: str, s: dict) -> str:
           f"{s['others_cpu']:.2f} CPU s during its timed iterations")
 
 
+def tunix_spec(spec: dict, ours: Ours, hf_sft: str, hf_rm: str) -> dict:
+  """TRL's spec plus what bench/ppo_tunix.py also needs: the prompt width
+  its sampler pads to (ours), the optimizer's settings, and the check rows
+  as prompt and reply apart (Tunix's reward call takes them apart)."""
+  return {**spec, "kind": "tunix", "hf_sft": hf_sft, "hf_rm": hf_rm,
+          "prompt_width": ours.prompt_width, "learning_rate": LEARNING_RATE,
+          "b1": B1, "b2": B2, "eps": EPS,
+          "check_row_prompts": ours.schedule[0][:3],
+          "check_row_replies": [spec["check_reply"]] * 3}
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--sft", default="/tmp/demo_full/sft/model")
@@ -474,6 +505,11 @@ def main() -> None:
   parser.add_argument("--xla_flags", default=None,
                       help="extra XLA_FLAGS for our side (default: "
                       "bench/train_step.py's TUNED_XLA_FLAGS)")
+  parser.add_argument("--peer", choices=("trl", "tunix", "both"),
+                      default="trl",
+                      help="which peer(s) run against ours: TRL's "
+                      "PPOTrainer, Tunix's PPOLearner, or both (all sides "
+                      "alternate)")
   parser.add_argument("--peer_omp_passive", action="store_true",
                       help="run TRL with OMP_WAIT_POLICY=PASSIVE")
   parser.add_argument("--_child", help=argparse.SUPPRESS)
@@ -494,7 +530,10 @@ def main() -> None:
                 else args.xla_flags)
   from mllm_jax.runtime import keep_freed_memory
   keep_freed_memory()
-  python = peer_python(TRL_VENV, TRL_PINS)
+  peers = ("trl", "tunix") if args.peer == "both" else (args.peer,)
+  pythons = {"trl": lambda: peer_python(TRL_VENV, TRL_PINS),
+             "tunix": lambda: peer_python(TUNIX_VENV, TUNIX_PINS)}
+  pythons = {name: pythons[name]() for name in peers}
   import jax
   from mllm_jax.convert import hf
   from mllm_jax.modeling import count_params
@@ -541,8 +580,15 @@ def main() -> None:
         pad_id=max(tok.pad_id, 0))
     peer_env = {"OMP_WAIT_POLICY": "PASSIVE"} if args.peer_omp_passive else {}
     peer_env["TRL_EXPERIMENTAL_SILENCE"] = "1"
-    peer = Child("trl", python, spec, peer_env, script=__file__)
-    ready = peer.ready()
+    children, ready = {}, {}
+    for name in peers:  # started one after another: set-ups never overlap
+      if name == "trl":
+        children[name] = Child("trl", pythons[name], spec, peer_env,
+                               script=__file__)
+      else:
+        children[name] = Child("tunix", pythons[name], tunix_spec(
+            spec, ours, hf_sft, hf_rm), {}, script=TUNIX_CHILD)
+      ready[name] = children[name].ready()
 
     print(f"{jax.devices()[0].platform} x{jax.device_count()}, "
           f"{args.threads} threads; policy {args.sft} "
@@ -553,10 +599,12 @@ def main() -> None:
           f"temperature {cfg.temperature:g}, {cfg.epochs} epochs x "
           f"{cfg.minibatches} minibatches, AdamW lr {LEARNING_RATE:g} "
           f"constant, no decay, no clipping; {args.warmup} warm-up + "
-          f"{args.iterations} timed iterations each, alternating; TRL: "
+          f"{args.iterations} timed iterations each, alternating; peers "
+          f"{', '.join(PEER_NAMES[n] for n in peers)}; TRL: "
           f"OMP_WAIT_POLICY="
           f"{peer_env.get('OMP_WAIT_POLICY', os.environ.get('OMP_WAIT_POLICY', 'unset'))}"
-          f"; ours: XLA_FLAGS={os.environ['XLA_FLAGS']!r}, set-up "
+          f"; ours (and Tunix's, inherited): XLA_FLAGS="
+          f"{os.environ['XLA_FLAGS']!r}, set-up "
           f"{setup_s:.0f} s of which the sampler's compile for prompt "
           f"widths {ours.widths} {ours.compile_s:.0f} s (the process and "
           f"step compile in the first warm-up iteration)")
@@ -564,31 +612,62 @@ def main() -> None:
           f"{args.prompts} (mllm_jax.rl.prompts.read_prompts, format "
           f"{ours.fmt.name}; dropped {ours.drops or 'none'}), "
           f"{total * cfg.prompts_per_iteration} used in PromptOrder's "
-          f"sequence on both sides")
-    print(f"same weights: log-prob of a fixed reply to the first prompt, "
+          f"sequence on every side")
+    label = {"trl": "TRL", "tunix": "Tunix"}
+    print("same weights: log-prob of a fixed reply to the first prompt, "
           f"mllm_jax {ours.check_logp(check_prompt, check_reply):.4f}, "
-          f"TRL {ready['check_logp']:.4f}; reward of three rows, mllm_jax "
-          + " ".join(f"{x:.4f}" for x in ours.check_scores(check_rows)) +
-          ", TRL " + " ".join(f"{x:.4f}" for x in ready["check_scores"]))
-    print(f"trl: {', '.join(f'{k} {v}' for k, v in ready['versions'].items())}"
-          f", {ready['params'] / 1e6:.2f}M policy params", flush=True)
+          + ", ".join(f"{label[n]} {ready[n]['check_logp']:.4f}"
+                      for n in peers)
+          + "; reward of three rows, mllm_jax "
+          + " ".join(f"{x:.4f}" for x in ours.check_scores(check_rows))
+          + "".join(f", {label[n]} " + " ".join(
+              f"{x:.4f}" for x in ready[n]["check_scores"]) for n in peers))
+    for n in peers:
+      extra = (f"; rollout overlaps training: "
+               f"{'yes' if ready[n]['async_rollout'] else 'no'} (one CPU "
+               f"mesh for every role); weights copied to the sampler: "
+               f"{'yes (timed)' if ready[n]['weight_sync'] else 'no, shared'}"
+               if n == "tunix" else "")
+      print(f"{n}: "
+            f"{', '.join(f'{k} {v}' for k, v in ready[n]['versions'].items())}"
+            f", {ready[n]['params'] / 1e6:.2f}M policy params{extra}",
+            flush=True)
 
-    sides = {"mllm_jax": (ours.step, os.getpid()),
-             "trl": (peer.step, peer.proc.pid)}
+    sides = {"mllm_jax": (ours.step, os.getpid())}
+    sides.update({n: (children[n].step, children[n].proc.pid)
+                  for n in peers})
     reports = lockstep(sides, total)
-    done = peer.finish()
+    done = {n: children[n].finish() for n in peers}
     results = {name: summarise(r, args.warmup) for name, r in reports.items()}
     print(describe("mllm_jax", results["mllm_jax"]) +
           f"; peak RSS {peak_rss_mb():.0f} MB", flush=True)
-    print(describe("trl PPOTrainer", results["trl"]) +
-          f"; peak RSS {done['peak_rss_mb']:.0f} MB", flush=True)
-    fmt = lambda xs, k: " ".join(f"{x[k]:.2f}" for x in xs)
-    print(f"per iteration (all, warm-up first): mean reward mllm_jax "
-          f"{fmt(ours.logs, 'scores')}, TRL "
-          f"{fmt(done['logs'], 'objective/scores')}; KL mllm_jax "
-          f"{fmt(ours.logs, 'kl')}, TRL {fmt(done['logs'], 'objective/kl')}")
-    ratio = results["mllm_jax"]["per_s"] / results["trl"]["per_s"]
-    print(f"ratio (mllm_jax / TRL PPOTrainer), iterations/s: {ratio:.2f}x")
+    for n in peers:
+      steps = ""
+      if n == "tunix":  # learn is the rest of the iteration, as for TRL
+        timed = reports[n][args.warmup:]
+        steps = (f"; of learn, the actor's and critic's update calls "
+                 f"(median) "
+                 f"{statistics.median(r['steps_s'] for r in timed):.3f} s; "
+                 f"sampler on the trained weights at the end: "
+                 f"{'yes' if done[n]['sampler_follows_actor'] else 'NO'}")
+      print(describe(PEER_NAMES[n], results[n]) + steps +
+            f"; peak RSS {done[n]['peak_rss_mb']:.0f} MB", flush=True)
+    fmt = lambda xs, k: " ".join(f"{x.get(k, float('nan')):.2f}" for x in xs)
+    keys = {"trl": ("objective/scores", "objective/kl"),
+            "tunix": ("rewards/score/mean", "rewards/reward_kl_penalty")}
+    print("per iteration (all, warm-up first): mean reward mllm_jax "
+          f"{fmt(ours.logs, 'scores')}"
+          + "".join(f", {label[n]} {fmt(done[n]['logs'], keys[n][0])}"
+                    for n in peers)
+          + f"; KL mllm_jax {fmt(ours.logs, 'kl')}"
+          + "".join(f", {label[n]} {fmt(done[n]['logs'], keys[n][1])}"
+                    for n in peers)
+          + (" (Tunix's KL is its per-token mean, the others' a per-reply "
+             "sum)" if "tunix" in peers else ""))
+    for n in peers:
+      ratio = results["mllm_jax"]["per_s"] / results[n]["per_s"]
+      print(f"ratio (mllm_jax / {PEER_NAMES[n]}), iterations/s: "
+            f"{ratio:.2f}x")
   finally:
     shutil.rmtree(run_dir, ignore_errors=True)
 

@@ -87,7 +87,9 @@ def _check_shapes(cfg: MultimodalConfig, shapes: Mapping[native.Path, Any],
           f"{tuple(want[path].shape)}")
 
 
-def _pure(model_or_params: Any) -> dict[str, Any]:
+def pure_params(model_or_params: Any) -> dict[str, Any]:
+  """A MultimodalModel, its state or a pure dict -> the pure dict of params
+  with string keys (what the checkpoint holds)."""
   if isinstance(model_or_params, nnx.Module):
     return vision_io._pure(nnx.state(model_or_params, nnx.Param))  # pylint: disable=protected-access
   return vision_io._pure(model_or_params)  # pylint: disable=protected-access
@@ -97,7 +99,7 @@ def save_model(path: str, cfg: MultimodalConfig, model_or_params: Any,
                overwrite: bool = False) -> None:
   """Writes DIR/multimodal_config.json and the params (Orbax)."""
   path = os.path.abspath(path)
-  params = _pure(model_or_params)
+  params = pure_params(model_or_params)
   _check_shapes(cfg, native.flatten(params), f"save_model({path})")
   taken = [n for n in (CONFIG_FILE, PARAMS_DIR)
            if os.path.exists(os.path.join(path, n))]
@@ -337,7 +339,7 @@ def params_to_llava(cfg: MultimodalConfig, params: Any, dtype: Any = None
                     ) -> dict[str, np.ndarray]:
   """Native params (a MultimodalModel or its pure dict) -> the tensors
   LlavaForConditionalGeneration.save_pretrained writes."""
-  params = _pure(params)
+  params = pure_params(params)
   for part in ("vision", "projector", "decoder"):
     if part not in params:
       raise ConfigError(f"params: part {part!r} is missing")

@@ -261,7 +261,7 @@ def run_stage(config, workdir: str, stage: str) -> dict[str, Any]:
   last, model = train(task, parallel, optimizer_cfg, train_cfg, config.seed,
                       workdir, train_iter, eval_batches)
   model_dir = os.path.join(workdir, "model")
-  params = mm_io._pure(model)  # pylint: disable=protected-access
+  params = mm_io.pure_params(model)
   if peft_cfg.method == "lora":  # the LLM with its adapters merged in
     merged = peft_lib.merge_lora(model.decoder)
     cfg = dataclasses.replace(cfg, model=merged.cfg)

@@ -124,6 +124,11 @@ def main(argv):
     print(f"  {key:15s}{_gib(memory[key])}")
   if memory["host_offloaded"]:
     print(f"  {'host_offloaded':15s}{_gib(memory['host_offloaded'])}")
+    for kind, moves in report["host_transfers"].items():
+      print(f"  {kind:15s}{moves['count']} copies (largest "
+            f"{moves['largest_bytes'] / 2**20:.2f} MiB), "
+            f"{moves['layer_slices']} of them one layer's slice (largest "
+            f"{moves['largest_slice_bytes'] / 2**20:.2f} MiB)")
   print(f"  {'used':15s}{100 * memory['total'] / memory['capacity']:7.1f} %")
 
   analytic, traced_flops = report["flops_analytic"], report["flops_traced"]

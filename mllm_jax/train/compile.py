@@ -30,6 +30,7 @@ from mllm_jax.parallel.pipeline import (Schedule, check_pipeline, schedule_of,
 from mllm_jax.parallel.sharding import (create_sharded, logical_to_spec,
                                         param_shardings, use_mesh)
 from mllm_jax.train.config import OptimizerConfig, TrainConfig
+from mllm_jax.train.offload import host_shardings
 from mllm_jax.train.optimizer import (Optimizer, learning_rate_schedule,
                                       make_optimizer)
 from mllm_jax.train.step import (TrainState, init_train_state,
@@ -124,6 +125,16 @@ def build_program(task: TrainTask, parallel: ParallelConfig,
   state = jax.eval_shape(
       functools.partial(init_train_state, optimizer=optimizer), params)
   state_shardings = param_shardings(state, mesh, rules)
+  if optimizer_cfg.offload_state:
+    # Moments in host memory; the update streams them (train/offload.py),
+    # a layer at a time along `layers`, which the pipeline shards.
+    if parallel.stage > 1:
+      raise ConfigError(
+          f"optimizer.offload_state: the layer-streamed update is not "
+          f"combined with pipeline stages (parallel.stage={parallel.stage}) "
+          f"yet; use parallel.stage=1")
+    state_shardings["opt_state"] = host_shardings(state_shardings["opt_state"],
+                                                  state["opt_state"])
   frozen_shardings = param_shardings(frozen, mesh, rules)
   batch_shardings = batch_sharding(mesh, rules)
   # With parallel.stage > 1 both steps trace the decoder's layers through

@@ -81,6 +81,11 @@ class OptimizerConfig:
   # "optax", or "cpu_fused": the same update as one C++ pass per parameter
   # (CPU only, float32 parameters and moments).
   backend: str = "optax"
+  # Keep AdamW's moments in host memory (`pinned_host`) and stream them
+  # through the device a layer at a time in the update
+  # (mllm_jax/train/offload.py): device memory holds one layer's moments
+  # instead of all of them. TPU and GPU only (and their AOT compiles).
+  offload_state: bool = False
 
   def validate(self, prefix: str = "optimizer") -> None:
     check(self.learning_rate > 0, f"{prefix}.learning_rate", "must be > 0")
@@ -97,6 +102,9 @@ class OptimizerConfig:
     check(self.backend != "cpu_fused" or self.mu_dtype != "bfloat16",
           f"{prefix}.mu_dtype", "'bfloat16' needs optimizer.backend='optax' "
           "(the cpu_fused kernel keeps float32 moments)")
+    check(self.backend != "cpu_fused" or not self.offload_state,
+          f"{prefix}.offload_state", "needs optimizer.backend='optax' (the "
+          "cpu_fused kernel updates moments in place in device memory)")
     for i, pattern in enumerate(self.no_decay):
       try:
         re.compile(pattern)
@@ -111,3 +119,8 @@ class OptimizerConfig:
     check(self.backend != "cpu_fused" or platform == "cpu",
           f"{prefix}.backend", f"'cpu_fused' is a CPU kernel but this "
           f"platform is {platform!r}; use 'optax'")
+    check(not self.offload_state or platform in ("tpu", "gpu"),
+          f"{prefix}.offload_state", f"moves the optimizer state to host "
+          f"memory, but platform {platform!r} has no host memory apart from "
+          f"its device memory; use it on TPU or GPU (or compile for one with "
+          f"launch.aot_compile --topology=...)")

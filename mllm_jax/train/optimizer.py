@@ -20,6 +20,7 @@ from flax import nnx
 
 from mllm_jax.configlib import ConfigError
 from mllm_jax.kernels import cpu_adamw
+from mllm_jax.train import offload
 from mllm_jax.train.config import OptimizerConfig
 
 
@@ -73,6 +74,9 @@ def make_optimizer(cfg: OptimizerConfig, params: nnx.State, total_steps: int
       mu_dtype=cfg.mu_dtype or None, weight_decay=cfg.weight_decay, mask=mask)
   if cfg.clip_norm:
     chain = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), chain)
+  if cfg.offload_state:  # moments in host memory, streamed per layer
+    return Optimizer(chain.init,
+                     offload.streamed_apply(cfg, schedule, mask, params))
   if cfg.backend == "optax":
     def apply(grads, state, params, grad_norm=None):
       del grad_norm  # clip_by_global_norm computes it in the same program

@@ -1,4 +1,5 @@
-"""launch.plan_memory: plans compiled ahead of time, ranked, written out.
+"""launch.plan_memory (and launch.memory_plans): plans compiled ahead of time,
+ranked, written out.
 
 Runs on the 8 simulated CPU devices (`--topology=cpu:8`), so no libtpu or
 CUDA plugin is needed; the search, pruning, tables and step-time formula are
@@ -12,8 +13,8 @@ import sys
 
 import pytest
 
-from launch import plan_memory
-from launch.plan_memory import Plan
+from launch import memory_plans as plan_memory
+from launch.memory_plans import Plan
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # aot_compile's tiny step (XLA attention, optax AdamW, a given peak): 656,000
@@ -47,7 +48,7 @@ def runs(tmp_path_factory):
       "bad_micro": start(*TINY, "--micro_batch=4,x"),
       "bad_max_plans": start(*TINY, "--max_plans=0"),
       "bad_field": start(*TINY, "--config.model.remat=sometimes"),
-      "no_pipeline_stage": start(*TINY, "--stage=3"),
+      "bad_stage": start(*TINY, "--stage=3"),  # 3 stages of 2 layers
   }
   results = {}
   for name, proc in procs.items():
@@ -117,7 +118,7 @@ def test_bad_flags_fail_by_name(runs):
       "bad_micro": ("--micro_batch",),
       "bad_max_plans": ("--max_plans",),
       "bad_field": ("model.remat", "'sometimes'"),
-      "no_pipeline_stage": ("--stage",),
+      "bad_stage": ("--stage",),
   }.items():
     result = runs[name]
     assert result.returncode == 1, (name, result.stderr)

@@ -98,13 +98,14 @@ def candidates(chips: int, *, heads: int, kv_heads: int, layers: int,
                                       p.data, p.stage, p.tensor))
 
 
-def state_bytes_per_chip(params: int, param_bytes: int, mu_bytes: int,
+def state_bytes_per_chip(params: int, param_bytes: int, moment_bytes: int,
                          plan: Plan) -> float:
-  """Weights, AdamW's first moment (optimizer.mu_dtype) and second moment
-  (the weights' dtype), sharded over fsdp x tensor x stage: a lower bound on
-  a plan's memory (the compiler adds gradients and activations)."""
-  per_param = 2 * param_bytes + mu_bytes
-  return params * per_param / (plan.fsdp * plan.tensor * plan.stage)
+  """Weights and the AdamW moments kept in device memory (`moment_bytes` per
+  parameter: 0 with optimizer.offload_state), sharded over fsdp x tensor x
+  stage: a lower bound on a plan's memory (the compiler adds gradients and
+  activations)."""
+  return (params * (param_bytes + moment_bytes) /
+          (plan.fsdp * plan.tensor * plan.stage))
 
 
 def step_estimates(report: dict, plan: Plan, mfu: float) -> dict:
@@ -234,7 +235,8 @@ def pruned_row(plan: Plan, state: float) -> dict:
   exceed the chip's memory, whatever the remat policy and micro-batch."""
   plan = dataclasses.replace(plan, remat="any", micro=0, accum=0)
   return {"plan": plan, "status": "does not fit", "why": f"weights + AdamW "
-          f"moments alone: {state / GIB:.3g} GiB (not compiled)"}
+          f"moments on the device alone: {state / GIB:.3g} GiB (not "
+          f"compiled)"}
 
 
 def best(rows: list[dict]) -> dict | None:

@@ -151,9 +151,13 @@ def main(argv):
   params = count_params(model)
   param_bytes = 2 if model.param_dtype == "bfloat16" else 4
   mu_bytes = {"": param_bytes, "bfloat16": 2}.get(base.optimizer.mu_dtype, 4)
+  # AdamW's second moment takes the weights' dtype; offloaded moments live
+  # in host memory.
+  moment_bytes = (0 if getattr(base.optimizer, "offload_state", False)
+                  else mu_bytes + param_bytes)
   kept, too_big = [], {}
   for plan in plans:
-    state = state_bytes_per_chip(params, param_bytes, mu_bytes, plan)
+    state = state_bytes_per_chip(params, param_bytes, moment_bytes, plan)
     if state <= target.hbm_bytes:
       kept.append(plan)
     else:  # one row per mesh: no remat or micro-batch can save it

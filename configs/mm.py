@@ -57,9 +57,6 @@ def get_config(name: str = "align_tiny") -> ml_collections.ConfigDict:
                            batch_size=p.batch_size, seq_len=p.seq_len,
                            learning_rate=p.learning_rate)
   config.stage = p.stage
-  # The decoder's table is decoder.embed.table here (configs/stages.py's
-  # default no_decay is written for a bare decoder).
-  config.optimizer.no_decay = ("norm", r"embed\.")
   config.optimizer.backend = "optax"
   config.vision = vision_config("tiny")
   config.projector = projector_config("mlp2x_gelu", dtype="float32")

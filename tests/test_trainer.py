@@ -15,8 +15,8 @@ from mllm_jax.parallel.sharding import create_sharded, param_shardings
 from mllm_jax.train.checkpoint import Checkpointer
 from mllm_jax.train.compile import with_shardings
 from mllm_jax.train.config import OptimizerConfig, TrainConfig
-from mllm_jax.train.optimizer import (learning_rate_schedule, make_optimizer,
-                                      path_name)
+from mllm_jax.train.optimizer import (decay_mask, learning_rate_schedule,
+                                      make_optimizer, path_name)
 from mllm_jax.train.step import init_train_state
 from mllm_jax.train.task import language_model_task
 from mllm_jax.train.trainer import train
@@ -62,6 +62,22 @@ def one_step(params, graphdef, batch, accum):
   step = jax.jit(lm_train_step(graphdef, optimizer,
                                learning_rate_schedule(OPT, 10), accum))
   return step(init_train_state(params, optimizer), NOTHING_FROZEN, batch)
+
+
+def test_default_no_decay_finds_norms_and_embeddings_inside_any_model():
+  """The decoder's table is embed.table alone, decoder.embed.table in the
+  multimodal model, policy.embed.table in PPO's: none is decayed."""
+  params = {name: {"table": 0.0} for name in ("embed", "patch_embed")}
+  params.update(decoder={"embed": {"table": 0.0},
+                         "blocks": {"attn_norm": {"scale": 0.0},
+                                    "q": {"kernel": 0.0}}},
+                policy={"embed": {"table": 0.0}})
+  mask = decay_mask(params, OptimizerConfig().no_decay)
+  assert not mask["embed"]["table"] and not mask["policy"]["embed"]["table"]
+  assert not mask["decoder"]["embed"]["table"]
+  assert not mask["decoder"]["blocks"]["attn_norm"]["scale"]
+  assert mask["decoder"]["blocks"]["q"]["kernel"]
+  assert mask["patch_embed"]["table"]  # a name that merely ends in embed
 
 
 def test_gradient_accumulation_equals_one_large_batch():

@@ -62,7 +62,8 @@ class OptimizerConfig:
 
   `no_decay` lists regular expressions matched against parameter paths
   (`blocks.attn_norm.scale`, `embed.table`, ...): norms and embeddings are not
-  decayed.
+  decayed, also where the decoder sits inside a larger model
+  (`decoder.embed.table`, `policy.embed.table`).
   """
   learning_rate: float = 3e-4
   warmup_steps: int = 2000
@@ -72,7 +73,7 @@ class OptimizerConfig:
   b2: float = 0.95
   eps: float = 1e-8
   weight_decay: float = 0.1
-  no_decay: tuple[str, ...] = (r"norm", r"^embed\.")
+  no_decay: tuple[str, ...] = (r"norm", r"(^|\.)embed\.")
   clip_norm: float = 1.0  # 0 disables clipping
   # dtype of AdamW's first moment: "" keeps the parameters' dtype; "bfloat16"
   # halves it (optax's `mu_dtype`, as MaxText offers). The second moment and

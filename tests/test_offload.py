@@ -27,7 +27,7 @@ from mllm_jax.train.optimizer import make_optimizer
 from mllm_jax.train.task import language_model_task
 from tests.helpers import tiny_config
 
-CFG = tiny_config("tiny", num_layers=4, attention_backend="xla",
+CFG = tiny_config("tiny", num_layers=2, attention_backend="xla",
                   custom_vjp=False)
 STEPS = 3
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
@@ -197,7 +197,7 @@ def test_tpu_compile_moves_the_moments_to_host_per_layer():
   # What left the device is what host memory holds: mu and nu, twice the
   # f32 parameters that stay (the rest of the arguments is the batch).
   assert plain["arguments"] - offloaded["arguments"] == host
-  assert host == pytest.approx(2 * offloaded["arguments"], rel=0.02)
+  assert host == pytest.approx(2 * offloaded["arguments"], rel=0.05)
   moves = reports[1]["host_transfers"]
   leaves = jax.tree.leaves(params_and_grads()[0])
   assert moves["to_device"]["count"] == moves["to_host"]["count"] == (
@@ -206,7 +206,6 @@ def test_tpu_compile_moves_the_moments_to_host_per_layer():
   # Each stacked moment moves as one layer's slice, in the update's loop.
   assert moves["to_device"]["layer_slices"] == 2 * sum(flags)
   assert moves["to_host"]["layer_slices"] == 2 * sum(flags)
-  # The largest stacked moment, even split over all 4 chips, never moves
-  # whole (the largest copy is the unstacked embedding table's moment).
-  whole = max(x.nbytes for x, s in zip(leaves, flags) if s) // 4
-  assert 0 < moves["to_device"]["largest_bytes"] < whole
+  # No slice is more than one layer of the largest stacked leaf.
+  layer = max(x.nbytes // x.shape[0] for x, s in zip(leaves, flags) if s)
+  assert 0 < moves["to_device"]["largest_slice_bytes"] <= layer

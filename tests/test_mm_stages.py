@@ -30,8 +30,8 @@ COMMON = ["--config.train.log_every=1", "--config.optimizer.warmup_steps=0",
           "--config.train.async_checkpoint=False",
           "--config.data.eval_examples=8"]
 ALIGN = ["--config=configs/mm.py:align_tiny", *COMMON,
-         "--config.train.steps=6", "--config.train.checkpoint_every=3",
-         "--config.train.eval_every=3", "--config.data.max_examples=48"]
+         "--config.train.steps=12", "--config.train.checkpoint_every=3",
+         "--config.train.eval_every=6", "--config.data.max_examples=48"]
 INSTRUCT = ["--config=configs/mm.py:instruct_tiny", *COMMON,
             "--config.train.steps=2", "--config.train.checkpoint_every=2",
             "--config.train.eval_every=2", "--config.data.max_examples=32",
@@ -79,15 +79,20 @@ def test_stage1_resumes_bitwise_and_stage2_starts_from_it(tmp_path,
   straight = tmp_path / "straight"
   finish(run("mm_align", straight, *ALIGN, base), timeout=600)
   want = train_losses(straight)
-  assert sorted(want) == list(range(1, 7))
+  assert sorted(want) == list(range(1, 13))
 
   killed = tmp_path / "killed"
   proc = run("mm_align", killed, *ALIGN, base)
   wait_for_step(proc, killed, 4, timeout=600)
   proc.send_signal(signal.SIGKILL)
   proc.communicate()
+  # Tiny steps take milliseconds: the run may pass another checkpoint
+  # between the poll and the kill. It resumes from the last one it wrote.
+  saved = max(int(p.name) for p in (killed / "checkpoints").iterdir()
+              if p.name.isdigit())
+  assert 3 <= saved < 12
   log = finish(run("mm_align", killed, *ALIGN, base), timeout=600)
-  assert "restored step 3" in log
+  assert f"restored step {saved}" in log
   assert train_losses(killed) == want
 
   # Stage 1 trained the projector only: the tower is the seed's, the LLM

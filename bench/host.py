@@ -6,12 +6,18 @@ a 0.8x decode into a recorded 8x), and the same machine kind lands on
 different processors (an Intel Xeon gave the training-step bench 0.8x where
 an AMD Zen 5 gave 1.8-2.0x): docs/benchmarks.md records both with each
 figure.
+
+`OtherLoad` measures what the rest of the machine used while a bench timed
+its sides, and `alternate` runs the sides in turn.
 """
 
 from __future__ import annotations
 
 import os
 import platform
+import resource
+import time
+from typing import Any, Callable
 
 
 def cpu_model() -> str:
@@ -35,3 +41,65 @@ def load_line() -> str:
 def host_line() -> str:
   return (f"host: {cpu_model()}, {len(os.sched_getaffinity(0))} usable of "
           f"{os.cpu_count()} CPUs; {load_line()}")
+
+
+# A ratio is called a result only when the rest of the machine used less
+# than this many cores on average while the sides were timed (the load
+# average cannot tell: it counts the bench's own threads too).
+QUIET_OTHER_CORES = 0.25
+
+
+def _busy_and_own() -> tuple[float, float]:
+  """(CPU seconds the whole machine was busy, this process's CPU seconds,
+  all threads). Steal time counts as busy: another guest had the core."""
+  with open("/proc/stat") as f:
+    ticks = [int(x) for x in f.readline().split()[1:9]]
+  user, nice, system, _, _, irq, softirq, steal = ticks
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  return ((user + nice + system + irq + softirq + steal)
+          / os.sysconf("SC_CLK_TCK"), usage.ru_utime + usage.ru_stime)
+
+
+class OtherLoad:
+  """How many cores other processes kept busy between `start()` and
+  `cores()`: the machine's busy CPU time (/proc/stat) less this process's
+  own (all its threads: in-process peers included), over the wall time."""
+
+  def __init__(self):
+    self.start()
+
+  def start(self) -> None:
+    self._wall = time.perf_counter()
+    self._busy, self._own = _busy_and_own()
+
+  def cores(self) -> float:
+    busy, own = _busy_and_own()
+    wall = max(time.perf_counter() - self._wall, 1e-9)
+    return max(0.0, (busy - self._busy) - (own - self._own)) / wall
+
+
+def load_verdict(others: float) -> str:
+  """'' when other processes kept under QUIET_OTHER_CORES cores busy (an
+  OtherLoad's `cores()`), else why a ratio measured then is not a result."""
+  if others < QUIET_OTHER_CORES:
+    return ""
+  return (f"NOT A RESULT: other processes kept {others:.2f} cores busy on "
+          f"average while the sides were timed (quiet: under "
+          f"{QUIET_OTHER_CORES}); rerun on a quiet host before quoting the "
+          f"ratio")
+
+
+def alternate(sides: dict[str, Callable[[int], Any]], rounds: int,
+              warmup: int) -> tuple[dict[str, list[float]], dict[str, list]]:
+  """Calls every side's `call(i)` for i in range(rounds), the sides in turn
+  each round, so all see the same machine load. Returns (each side's wall
+  times of rounds >= warmup, each side's return values of every round)."""
+  times = {name: [] for name in sides}
+  results = {name: [] for name in sides}
+  for i in range(rounds):
+    for name, call in sides.items():
+      start = time.perf_counter()
+      results[name].append(call(i))
+      if i >= warmup:
+        times[name].append(time.perf_counter() - start)
+  return times, results

@@ -78,6 +78,10 @@ def get_config(name: str = "align_tiny") -> ml_collections.ConfigDict:
       text_mix="",
       text_fraction=0.2,
       text_files="",
+      # Stage 2: visual instruction JSONL (launch.generate_visual_instructions;
+      # comma-separated files or globs, images beside them) trained on with
+      # the VQA examples ("": none).
+      instruction_files="",
       seed=0))
   config.lock()
   return config

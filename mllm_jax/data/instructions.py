@@ -897,27 +897,45 @@ class _Record:
 
 
 @dataclasses.dataclass
-class _Round:
-  records: list[_Record]
+class Round:
+  """What one round gives `run_rounds`: its accepted records (any type:
+  `run_rounds` hands them to its `to_rows`), its drops and notes, and
+  whether every first-stage teacher request failed (an outage: the round
+  is tried again, not counted)."""
+  records: list[Any]
   stats: ChatStats
   outage: bool = False
 
 
-class _Checkpoint:
-  """The output file and its stats file: resume, append rounds, commit."""
+_Round = Round
 
-  def __init__(self, output: str, stats_path: str, config: GenerateConfig,
-               teacher: Teacher, seeds_digest: str, progress):
+
+class Checkpoint:
+  """The output JSONL and its stats file: resume, append rounds, commit.
+
+  key: what must match to resume (stored as `resume_key`; a difference
+    raises ResumeError naming the flag: `flag_names[name]`, default
+    --name). header: fields written first in the stats file (what the run
+    is). Records must be conversations of the native schema (checked when
+    read back). Shared by the text generators here and
+    `data.visual_instructions`.
+  """
+
+  def __init__(self, output: str, stats_path: str, key: dict[str, Any],
+               teacher: Teacher, progress,
+               header: dict[str, Any] | None = None,
+               flag_names: dict[str, str] | None = None):
     self.output, self.stats_path = output, stats_path
-    self.config, self.teacher, self.progress = config, teacher, progress
-    self.seeds_digest = seeds_digest
+    self.key, self.teacher, self.progress = dict(key), teacher, progress
+    self.header = dict(header or {})
+    self.flag_names = dict(flag_names or {})
     self.stats = ChatStats()
     self.teacher_base: collections.Counter[str] = collections.Counter()
     self.rounds_done = 0
     self.records: list[dict[str, Any]] = []
 
   def _key(self) -> dict[str, Any]:
-    return {**self.config.resume_key(), "seed_tasks": self.seeds_digest}
+    return self.key
 
   def load(self) -> None:
     has_out = os.path.exists(self.output)
@@ -939,8 +957,7 @@ class _Checkpoint:
     mine = self._key()
     for name in list(mine) + [k for k in key if k not in mine]:
       if key.get(name) != mine.get(name):
-        what = ("--seed_tasks (the seed task set)" if name == "seed_tasks"
-                else f"--{name}")
+        what = self.flag_names.get(name, f"--{name}")
         raise ResumeError(
             f"{what} is {mine.get(name)!r} but the run in {self.output} "
             f"used {key.get(name)!r}; use the same settings to resume, or "
@@ -1017,11 +1034,10 @@ class _Checkpoint:
   def summary(self, complete: bool) -> dict[str, Any]:
     teacher = self.teacher_base + self.teacher.counts
     return {
-        "method": self.config.method,
+        **self.header,
         "output": self.output,
         "teacher": self.teacher.describe(),
         "resume_key": self._key(),
-        "num_instructions": self.config.num_instructions,
         "rounds_done": self.rounds_done,
         "records": len(self.records),
         "complete": complete,
@@ -1234,7 +1250,11 @@ def generate(method: str, teacher: Teacher, output: str,
   stats_path = stats_path or stats_path_for(output)
   directory = os.path.dirname(os.path.abspath(output))
   os.makedirs(directory, exist_ok=True)
-  ckpt = _Checkpoint(output, stats_path, config, teacher, digest, progress)
+  ckpt = Checkpoint(
+      output, stats_path, {**config.resume_key(), "seed_tasks": digest},
+      teacher, progress, header={"method": config.method,
+                                 "num_instructions": config.num_instructions},
+      flag_names={"seed_tasks": "--seed_tasks (the seed task set)"})
   ckpt.load()
   if not os.path.exists(stats_path):
     # The first checkpoint (no rounds, no records) before any record is
@@ -1247,35 +1267,11 @@ def generate(method: str, teacher: Teacher, output: str,
     return ckpt.write_stats(True)
   kind = _SelfInstruct if method == "self_instruct" else _EvolInstruct
   gen = kind(config, teacher, seeds, ckpt.records)
-  idle = outages = rounds = 0
-  while len(ckpt.records) < target:
-    if max_rounds is not None and rounds >= max_rounds:
-      break
-    r = ckpt.rounds_done
-    result = gen.round(r)
-    if result.outage:
-      outages += 1
-      failures = {k: v for k, v in teacher.counts.items()
-                  if k.startswith("failed_")}
-      if outages >= config.max_outage_rounds:
-        ckpt.write_stats(False)
-        raise TeacherUnavailable(
-            f"every request to the teacher ({teacher.describe()}) failed in "
-            f"{outages} attempts in a row at round {r} (failures so far: "
-            f"{failures}); {len(ckpt.records)} records are kept in {output}: "
-            f"rerun the same command to resume")
-      wait = config.outage_wait_s * 2 ** (outages - 1)
-      progress(f"round {r}: every teacher request failed ({failures}); "
-               f"retrying in {wait:.0f}s")
-      time.sleep(wait)
-      continue
-    outages = 0
-    rounds += 1
-    records = result.records[:target - len(ckpt.records)]
-    base = len(ckpt.records)
+
+  def to_rows(records: list[_Record], base: int) -> list[dict[str, Any]]:
     ids = lambda k: f"{method}-{config.seed}-{base + k:06d}"
     rows = []
-    for k, rec in enumerate(records):
+    for k, rec in enumerate(records[:target - base]):
       if isinstance(rec.meta.get("parent"), int):
         rec.meta["parent"] = ids(rec.meta["parent"])
       conv = Conversation(ids(k), (Turn(USER, rec.instruction, rec.input),
@@ -1283,27 +1279,78 @@ def generate(method: str, teacher: Teacher, output: str,
       rows.append({**conv.to_json(),
                    "meta": {"method": method, **rec.meta}})
       gen.accept(rec)
+    return rows
+
+  return run_rounds(ckpt, teacher, config, gen.round, to_rows,
+                    lambda records, rounds: records >= target,
+                    max_rounds=max_rounds, target=target, progress=progress)
+
+
+def run_rounds(ckpt: Checkpoint, teacher: Teacher, guards: Any,
+               next_round: Callable[[int], Round],
+               to_rows: Callable[[list[Any], int], list[dict[str, Any]]],
+               finished: Callable[[int, int], bool],
+               max_rounds: int | None = None, target: int | None = None,
+               progress: Callable[[str], None] | None = None
+               ) -> dict[str, Any]:
+  """The resumable round loop shared by the generators: round
+  `ckpt.rounds_done` is `next_round(r)`; its records become JSON rows
+  (`to_rows(records, records_so_far)`), appended and checkpointed (an
+  interruption loses at most the round in progress). Stops when
+  `finished(records, rounds_done)`, after `max_rounds` rounds in this call,
+  or raises: TeacherUnavailable after `guards.max_outage_rounds` outages in
+  a row (waiting `guards.outage_wait_s` * 2**k between), Stalled after
+  `guards.max_idle_rounds` rounds in a row without a record. Returns the
+  stats written."""
+  progress = progress or (lambda message: None)
+  idle = outages = rounds = 0
+  while not finished(len(ckpt.records), ckpt.rounds_done):
+    if max_rounds is not None and rounds >= max_rounds:
+      break
+    r = ckpt.rounds_done
+    result = next_round(r)
+    if result.outage:
+      outages += 1
+      failures = {k: v for k, v in teacher.counts.items()
+                  if k.startswith("failed_")}
+      if outages >= guards.max_outage_rounds:
+        ckpt.write_stats(False)
+        raise TeacherUnavailable(
+            f"every request to the teacher ({teacher.describe()}) failed in "
+            f"{outages} attempts in a row at round {r} (failures so far: "
+            f"{failures}); {len(ckpt.records)} records are kept in "
+            f"{ckpt.output}: rerun the same command to resume")
+      wait = guards.outage_wait_s * 2 ** (outages - 1)
+      progress(f"round {r}: every teacher request failed ({failures}); "
+               f"retrying in {wait:.0f}s")
+      time.sleep(wait)
+      continue
+    outages = 0
+    rounds += 1
+    base = len(ckpt.records)
+    rows = to_rows(result.records, base)
     result.stats.note("records", len(rows))
-    complete = base + len(rows) >= target
+    complete = finished(base + len(rows), r + 1)
     ckpt.commit(rows, result.stats, complete)
     dropped = sum(result.stats.counts.values())
-    progress(f"round {r}: +{len(rows)} records ({base + len(rows)}/{target}),"
+    of = f"/{target}" if target is not None else " in all"
+    progress(f"round {r}: +{len(rows)} records ({base + len(rows)}{of}),"
              f" {dropped} dropped")
     idle = 0 if rows else idle + 1
-    if idle >= config.max_idle_rounds and not complete:
+    if idle >= guards.max_idle_rounds and not complete:
       raise Stalled(
           f"no new record in {idle} rounds in a row (drops so far: "
           f"{dict(ckpt.stats.counts)}); {len(ckpt.records)} records are in "
-          f"{output}")
-  return ckpt.write_stats(len(ckpt.records) >= target)
+          f"{ckpt.output}")
+  return ckpt.write_stats(finished(len(ckpt.records), ckpt.rounds_done))
 
 
 __all__ = [
-    "GenerateConfig", "IN_BREADTH", "IN_DEPTH", "METHODS", "NativeTeacher",
+    "Checkpoint", "GenerateConfig", "IN_BREADTH", "IN_DEPTH", "METHODS", "NativeTeacher",
     "NoveltyIndex", "OPERATIONS", "OpenAITeacher", "ResumeError", "SeedTask",
     "Stalled", "Teacher", "TeacherError", "TeacherUnavailable",
     "default_seed_tasks", "evolution_problem", "evolve_prompt", "generate",
     "instance_prompt", "instruction_problem", "parse_instance",
     "parse_proposals", "propose_prompt", "read_seed_tasks",
-    "response_problem", "stats_path_for",
+    "response_problem", "Round", "run_rounds", "stats_path_for",
 ]

@@ -35,6 +35,7 @@ from mllm_jax.configlib import ConfigError, check, check_choice, from_config
 from mllm_jax.convert import multimodal as mm_io
 from mllm_jax.convert import native
 from mllm_jax.data import chat, image_sets, image_templates, images, mm_batch
+from mllm_jax.data import image_readers
 from mllm_jax.data.image_templates import mix_text_only
 from mllm_jax.data.tokenizer import IMAGE, load_tokenizer
 from mllm_jax.modeling import peft as peft_lib
@@ -153,6 +154,9 @@ def read_examples(config, cfg: MultimodalConfig, tokenizer, fmt
 
   train_examples = prepare(train_raw, data.max_examples)
   held_out = prepare(held_raw, data.eval_examples)
+  if config.stage == "instruct" and data.instruction_files:
+    train_examples += _instruction_examples(data.instruction_files, prepare,
+                                            stats)
   summary = stats.summary()
   check(bool(train_examples), "seq_len" if summary["dropped"].get(
       "no_answer_after_truncation") else "data",
@@ -166,6 +170,19 @@ def read_examples(config, cfg: MultimodalConfig, tokenizer, fmt
           f"{len(held_out):,} held-out examples; dropped "
           f"{summary['dropped'] or 'none'}")
   return train_examples, held_out, summary
+
+
+def _instruction_examples(files: str, prepare, stats: chat.ChatStats
+                          ) -> list:
+  """Stage 2's `data.instruction_files`: conversation JSONL with images as
+  files beside it (what launch.generate_visual_instructions writes), all of
+  it, after the VQA examples (data.max_examples limits those only)."""
+  raw = list(image_readers.read_folder(files, stats=stats))
+  check(bool(raw), "data.instruction_files",
+        f"no usable record in {files!r} ({stats.summary()['dropped']})")
+  out = prepare(raw, 0)
+  stats.note("instruction_examples", len(out))
+  return out
 
 
 def _mix_text(config, image_examples: list, tokenizer, fmt, image_cfg,

@@ -317,21 +317,29 @@ def generate_batched(sampler, tokenizer: Tokenizer,
                      prompts: Sequence[str | Sequence[int]],
                      max_new_tokens: int, batch_size: int = 16,
                      stop_tokens: Sequence[int] = (),
-                     stop_strings: Sequence[str] = ()) -> list[Completion]:
+                     stop_strings: Sequence[str] = (),
+                     images: Sequence[Sequence[np.ndarray]] | None = None
+                     ) -> list[Completion]:
   """Greedy completions of many prompts (strings are encoded with BOS), in
   batches of `batch_size` sorted by length (longest first; the last batch
-  is filled with copies so every batch has the same shape)."""
+  is filled with copies so every batch has the same shape). images: per
+  prompt, its images for a `MultimodalSampler`."""
   rows = [tokenizer.encode(p, add_bos=True) if isinstance(p, str)
           else [int(t) for t in p] for p in prompts]
   order = sorted(range(len(rows)), key=lambda i: (-len(rows[i]), i))
   out: list[Completion | None] = [None] * len(rows)
   for start in range(0, len(order), batch_size):
     ids = order[start:start + batch_size]
-    batch = [rows[i] for i in ids]
     if len(order) > batch_size:
-      batch += [batch[-1]] * (batch_size - len(batch))
-    gen = sampler.generate(batch, max_new_tokens, stop_tokens=stop_tokens,
-                           stop_strings=stop_strings)
+      ids_padded = ids + [ids[-1]] * (batch_size - len(ids))
+    else:
+      ids_padded = ids
+    batch = [rows[i] for i in ids_padded]
+    with_images = {} if images is None else {
+        "images": [images[i] for i in ids_padded]}
+    gen = sampler.generate(batch, max_new_tokens=max_new_tokens,
+                           stop_tokens=stop_tokens,
+                           stop_strings=stop_strings, **with_images)
     for row, i in enumerate(ids):
       tokens, reason = gen.tokens[row], gen.stop_reasons[row]
       if reason == "stop_string":
@@ -371,12 +379,16 @@ def generate_replies(sampler, tokenizer: Tokenizer, fmt: chat.ChatFormat,
 
 def reply_to_prompts(sampler, tokenizer: Tokenizer, eot: EndOfTurn,
                      prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                     batch_size: int = 16) -> list[Reply]:
+                     batch_size: int = 16,
+                     images: Sequence[Sequence[np.ndarray]] | None = None
+                     ) -> list[Reply]:
   """Greedy replies to encoded chat prompts; a reply `ended` only on the
-  format's own end of turn (`end_of_turn`), not on EOS alone."""
+  format's own end of turn (`end_of_turn`), not on EOS alone. images: as
+  `generate_batched`'s."""
   replies = []
   for c in generate_batched(sampler, tokenizer, prompts, max_new_tokens,
-                            batch_size, eot.stop_tokens, eot.strings):
+                            batch_size, eot.stop_tokens, eot.strings,
+                            images):
     ended = (c.reason == "stop_string" or
              (c.reason == "stop_token" and c.tokens[-1] in eot.tokens))
     replies.append(Reply(c.text.strip(), len(c.tokens), ended,

@@ -130,18 +130,22 @@ def _empty_state(graphdef, params, rng, batch, cache_len, per_layer):
                                              "pad_id"),
                    donate_argnames=("state",))
 def _extend(graphdef, params, layers, state, tokens, segments, resume,
-            out_len, pad_id):
+            out_len, pad_id, embeddings=None, prefix=None):
   """Feeds left-padded tokens [B, T] through the cache and starts a call.
 
   Rows with `resume` become active; their next-token logits come from the
   last column (rows without new tokens keep the logits they had).
+  embeddings: [B, T, D] fed instead of the tokens' own (a multimodal
+  prompt: image features spliced in); prefix: [B, T] bool, bidirectional
+  positions (image tokens), kept in the cache for later queries.
   """
   model = nnx.merge(graphdef, params)
   b = tokens.shape[0]
   positions = state.positions[:, None] + jnp.maximum(
       jnp.cumsum(segments, axis=1) - 1, 0)
-  logits, cache = model(tokens, positions, segments, cache=state.cache,
-                        **_layers_arg(layers))
+  logits, cache = model(None if embeddings is not None else tokens,
+                        positions, segments, prefix, cache=state.cache,
+                        embeddings=embeddings, **_layers_arg(layers))
   fed = segments.sum(axis=1)
   return _constrain_state(state.replace(
       cache=cache,
@@ -396,7 +400,13 @@ class Sampler:
     return self._run(state, tokens, segments, resume, len(rows),
                      max_new_tokens, sampling, stop_tokens, stop_strings,
                      interrupt_tokens, chunk_size, on_chunk,
-                     processed_logprobs)
+                     processed_logprobs, self._prompt_inputs(tokens))
+
+  def _prompt_inputs(self, tokens: np.ndarray) -> dict[str, Any]:
+    """What the prompt's prefill feeds besides the left-padded tokens
+    [B, T]: nothing for text (`MultimodalSampler` adds image embeddings)."""
+    del tokens
+    return {}
 
   def resume(self, previous: Generation, appended: Sequence[Sequence[int]],
              max_new_tokens: int, sampling: SamplingParams = SamplingParams(),
@@ -436,7 +446,7 @@ class Sampler:
 
   def _run(self, state, tokens, segments, resume, num_rows, max_new_tokens,
            sampling, stop_tokens, stop_strings, interrupt_tokens, chunk_size,
-           on_chunk, processed_logprobs) -> Generation:
+           on_chunk, processed_logprobs, prompt_inputs=None) -> Generation:
     if stop_strings and self.tokenizer is None:
       raise ValueError("stop_strings need Sampler(tokenizer=...)")
     if chunk_size is None:
@@ -452,7 +462,8 @@ class Sampler:
                       self._put(tokens, ("act_batch", None)),
                       self._put(segments, ("act_batch", None)),
                       self._put(resume, ("act_batch",)),
-                      out_len=max_new_tokens, pad_id=self.pad_id)
+                      out_len=max_new_tokens, pad_id=self.pad_id,
+                      **(prompt_inputs or {}))
       cut: dict[int, tuple[int, str]] = {}
       seen = np.zeros(num_rows, np.int64)
       step = 0

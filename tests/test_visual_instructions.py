@@ -45,7 +45,7 @@ def good_reply(messages, seed) -> str:
   """A well-formed reply of the prompt's kind about the context's first
   object, in a different surface form per kind."""
   context = messages[-1]["content"]
-  names = re.findall(r"^(.+?): \[", context, re.M) or ["thing"]
+  names = vi.object_names(context)
   tag = hashlib.sha256(f"{context}|{seed}".encode()).hexdigest()[:6]
   kind = prompt_kind(messages)
   if kind == "conversation":
@@ -81,9 +81,14 @@ BAD = {  # context -> (kind that misbehaves, reply, drop reason)
     "sorry": ("reasoning", "Question: What is it for?\nAnswer: I'm sorry, "
               "but I cannot see the image, so I can not say anything about "
               "what it is for.", "reasoning_refusal"),
-    "placeholder": ("detail", "The <image> shows a cat sitting on a red "
-                    "mat in the middle of a sunny and quiet kitchen floor.",
+    "placeholder": ("detail", "The <image> shows a placeholder sitting on "
+                    "a red mat in the middle of a sunny and quiet kitchen.",
                     "detail_invalid_conversation"),
+    "off_topic": ("reasoning", "Question: What is the sum of two and two? "
+                  "Answer: Two and two make four, which is the sum of the "
+                  "two numbers added together.", "reasoning_off_topic"),
+    "cut": ("detail", "The picture shows a cat on a light background, drawn "
+            "clearly and placed away from the", "detail_unfinished"),
     "as_conversation": ("detail", "Question: What is it?\nAnswer: A cat "
                         "sitting on a red mat in the middle of a quiet "
                         "kitchen.", "detail_wrong_format"),
@@ -154,8 +159,21 @@ def test_parse_replies():
                                            "user", "assistant", "user"]
   assert messages[-1]["content"] == "ctx"
   for kind in vi.KINDS:  # the demonstrations pass our own checks
-    for _, answer in vi.DEMOS[kind]:
-      assert not isinstance(vi.parse_reply(kind, answer), str), (kind, answer)
+    for context, answer in vi.DEMOS[kind]:
+      names = vi.object_names(context)
+      assert names and not isinstance(
+          vi.parse_reply(kind, answer, names=names), str), (kind, answer)
+  assert vi.object_names("Horse.\nThe horse goes 'neigh'.") == ["horse"]
+  says = lambda text: vi.parse_reply("detail", text, names=[
+      "Indian blackbuck"])
+  assert says("A " + "long " * 14 + "blackbuck.") == [("", "A " + "long " * 14
+                                                       + "blackbuck.")]
+  assert says("A " + "long " * 14 + "planet.") == "off_topic"
+  assert says("A " + "long " * 14 + "blackbuck and") == "unfinished"
+  assert says("The blackbuck is big and brown. It runs fast over the "
+              "grass. The blackbuck is big and brown.") == "repetitive"
+  assert vi.parse_reply("conversation", "Q: Is it a cat?\nA: Yes.\n"
+                        "Q: Is it a cat?\nA: No.") == "repetitive"
 
 
 # --------------------------------------------------------------------------

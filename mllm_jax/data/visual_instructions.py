@@ -29,8 +29,10 @@ and its stats file (`instructions.Checkpoint`) and the round loop
 list of (image, kind) jobs, image-major; round r asks the teacher for jobs
 [r*batch_size, (r+1)*batch_size). Replies are parsed (`parse_qa`: labelled
 Question/Answer turns, also inline, markdown or Q:/A:; `parse_detail`) and
-checked (`text_problem`); a malformed reply is dropped with a counted
-reason (stats file `dropped`), never raised.
+checked (`parse_reply`: box numbers or "captions" in the text, refusals,
+loops, replies cut off by max_new_tokens, replies naming none of the
+image's objects); a malformed reply is dropped with a counted reason
+(stats file `dropped`, `KIND_REASON`), never raised.
 
 Output: FILE.jsonl of the project's conversation records
 (`chat.Conversation.to_json`), the first user turn starting with the
@@ -315,12 +317,49 @@ def _words(text: str) -> int:
   return len(re.findall(r"[A-Za-z0-9']+", text))
 
 
-def parse_reply(kind: str, reply: str, stats: ChatStats | None = None
-                ) -> list[tuple[str, str]] | str:
+_BOX_LINE = re.compile(r"^(.+?):\s*\[", re.MULTILINE)
+
+
+def object_names(context: str) -> list[str]:
+  """The objects a context names: its `name: [box]` lines, or (a captioned
+  image) the head noun of its first line ("Horse." -> "horse")."""
+  names = _BOX_LINE.findall(context)
+  if not names and context.strip():
+    names = [scenes.object_name(context.strip().splitlines()[0])]
+  return [n.strip() for n in names if n.strip()]
+
+
+def _mentions(text: str, names: Sequence[str]) -> bool:
+  """Whether the text names one of the objects (the whole name or its last
+  word: "blackbuck" for "Indian blackbuck")."""
+  for name in names:
+    for form in {name, name.split()[-1]}:
+      if len(form) >= 3 and re.search(r"\b" + re.escape(form) + r"\b",
+                                      text, re.IGNORECASE):
+        return True
+  return False
+
+
+def _repeats(text: str) -> bool:
+  """The same sentence (4 words or more) twice: a teacher looping."""
+  seen = set()
+  for sentence in re.split(r"(?<=[.!?])\s+|\n+", text):
+    key = " ".join(re.findall(r"[a-z0-9']+", sentence.lower()))
+    if len(key.split()) >= 4:
+      if key in seen:
+        return True
+      seen.add(key)
+  return False
+
+
+def parse_reply(kind: str, reply: str, stats: ChatStats | None = None,
+                names: Sequence[str] = ()) -> list[tuple[str, str]] | str:
   """(question, answer) pairs to write for a `kind` reply (the detail
   kind's one question is "" : the record draws an instruction), or the
-  drop reason (parse_qa's, wrong_format, too_short, answer_too_short,
-  text_problem's)."""
+  drop reason: parse_qa's, wrong_format, too_short, answer_too_short,
+  text_problem's, repetitive (a sentence or a question twice), unfinished
+  (the last answer stops mid-sentence: the reply hit max_new_tokens),
+  off_topic (none of `names`, the image's objects, is mentioned)."""
   if kind == "detail":
     text = parse_detail(reply)
     if len(_labels(text)) >= 2:
@@ -342,6 +381,14 @@ def parse_reply(kind: str, reply: str, stats: ChatStats | None = None
     reason = text_problem(question) or text_problem(answer)
     if reason is not None:
       return reason
+  text = "\n".join(q + "\n" + a for q, a in pairs)
+  questions = [" ".join(q.lower().split()) for q, _ in pairs]
+  if _repeats(text) or len(set(questions)) < len(questions):
+    return "repetitive"
+  if not re.search(r"[.!?)\"'\u2019\u201d]$", pairs[-1][1]):
+    return "unfinished"
+  if names and not _mentions(text, names):
+    return "off_topic"
   return pairs
 
 
@@ -599,7 +646,7 @@ def generate_visual(teacher: Teacher, output: str,
       if reply is None:
         stats.add(readers.Drop("teacher_failed", where))
         continue
-      pairs = parse_reply(kind, reply, stats)
+      pairs = parse_reply(kind, reply, stats, object_names(source.context))
       if isinstance(pairs, str):
         stats.add(readers.Drop(f"{kind}_{pairs}",
                                f"{where}: {_snippet(reply)!r}"))
@@ -635,7 +682,7 @@ def generate_visual(teacher: Teacher, output: str,
 __all__ = [
     "DEMOS", "DETAIL_INSTRUCTIONS", "KINDS", "SOURCES", "SYSTEM_PROMPTS",
     "VisualConfig", "VisualSource", "captioned_sources", "generate_visual",
-    "image_file_name", "images_dir_for", "parse_detail", "parse_qa",
+    "image_file_name", "images_dir_for", "object_names", "parse_detail", "parse_qa",
     "parse_reply", "read_sources", "scene_sources", "teacher_prompt",
     "text_problem", "to_record",
 ]

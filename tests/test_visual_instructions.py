@@ -148,6 +148,7 @@ def test_parse_replies():
       ("Why?", "Because it is.")]
   assert vi.parse_qa("User: hi\nAssistant: hello") == [("hi", "hello")]
   assert vi.parse_qa("no labels") == "no_qa_labels"
+  assert vi.parse_qa("Question: What is the cat doing?") == "no_answer"
   assert vi.parse_qa("Question:\nAnswer: x") == "empty_turn"
   assert vi.parse_detail("**Description:** A  cat\non a mat.") == (
       "A cat on a mat.")

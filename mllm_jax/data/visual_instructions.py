@@ -250,8 +250,8 @@ def _clean(text: str) -> str:
 def parse_qa(text: str, stats: ChatStats | None = None
              ) -> list[tuple[str, str]] | str:
   """Question/Answer pairs of a reply, or the drop reason: no_qa_labels,
-  starts_with_answer, not_alternating (two questions or two answers in a
-  row), empty_turn. Text before the first label is ignored and a final
+  no_answer (a question alone), starts_with_answer, not_alternating (two
+  questions or two answers in a row), empty_turn. Text before the first label is ignored and a final
   question without an answer trimmed (noted in `stats`)."""
   labels = _labels(text)
   if not labels:
@@ -269,7 +269,7 @@ def parse_qa(text: str, stats: ChatStats | None = None
     if stats is not None:
       stats.note("trailing_question_trimmed")
   if not turns:
-    return "no_qa_labels"
+    return "no_answer"  # a lone question
   pairs = []
   for i in range(0, len(turns), 2):
     if i + 1 >= len(turns) or turns[i][0] != "q" or turns[i + 1][0] != "a":

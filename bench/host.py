@@ -49,15 +49,20 @@ def host_line() -> str:
 QUIET_OTHER_CORES = 0.25
 
 
+def process_cpu_seconds() -> float:
+  """User + system CPU time of this process, all its threads."""
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  return usage.ru_utime + usage.ru_stime
+
+
 def _busy_and_own() -> tuple[float, float]:
   """(CPU seconds the whole machine was busy, this process's CPU seconds,
   all threads). Steal time counts as busy: another guest had the core."""
   with open("/proc/stat") as f:
     ticks = [int(x) for x in f.readline().split()[1:9]]
   user, nice, system, _, _, irq, softirq, steal = ticks
-  usage = resource.getrusage(resource.RUSAGE_SELF)
   return ((user + nice + system + irq + softirq + steal)
-          / os.sysconf("SC_CLK_TCK"), usage.ru_utime + usage.ru_stime)
+          / os.sysconf("SC_CLK_TCK"), process_cpu_seconds())
 
 
 class OtherLoad:
@@ -90,16 +95,24 @@ def load_verdict(others: float) -> str:
 
 
 def alternate(sides: dict[str, Callable[[int], Any]], rounds: int,
-              warmup: int) -> tuple[dict[str, list[float]], dict[str, list]]:
+              warmup: int, cpu: dict[str, list[float]] | None = None
+              ) -> tuple[dict[str, list[float]], dict[str, list]]:
   """Calls every side's `call(i)` for i in range(rounds), the sides in turn
   each round, so all see the same machine load. Returns (each side's wall
-  times of rounds >= warmup, each side's return values of every round)."""
+  times of rounds >= warmup, each side's return values of every round);
+  `cpu`, when given, gets each side's CPU seconds of this process for the
+  same rounds (sides that run in this process only)."""
   times = {name: [] for name in sides}
   results = {name: [] for name in sides}
+  for name in sides:
+    if cpu is not None:
+      cpu[name] = []
   for i in range(rounds):
     for name, call in sides.items():
-      start = time.perf_counter()
+      start, start_cpu = time.perf_counter(), process_cpu_seconds()
       results[name].append(call(i))
       if i >= warmup:
         times[name].append(time.perf_counter() - start)
+        if cpu is not None:
+          cpu[name].append(process_cpu_seconds() - start_cpu)
   return times, results

@@ -38,7 +38,10 @@ on the first batch are compared (the run stops if they differ), and the
 first step's losses (same weights, same batch) are printed side by side.
 
 Steps alternate ours/theirs; the first `--warmup` of each (compilation) are
-not timed; speed is images/s from the median step. `--parts` more rounds
+not timed; speed is images/s from the median step. Each side's CPU
+seconds per step (this process, all threads) print beside its wall time:
+on a busy host the wall time also holds the waits for a core, which the CPU
+time does not (it does hold the threads' spin-waits). `--parts` more rounds
 then split the time: ours as separately compiled pieces (tower + projector
 forward; forward + loss), theirs inside its step (forward with the tower,
 backward, clip + AdamW) plus its tower + projector alone. The tower alone
@@ -340,10 +343,11 @@ def main() -> None:
 
   others = OtherLoad()
   start = time.perf_counter()
+  cpu = {}
   times, losses = alternate(
       {"mllm_jax": lambda i: ours.step(batches[i]),
        "transformers": lambda i: theirs.step(batches[i])},
-      total, args.warmup)
+      total, args.warmup, cpu)
   others_cores = others.cores()
   print(f"first step (same weights, same batch) loss: mllm_jax "
         f"{losses['mllm_jax'][0]:.5f}, transformers "
@@ -354,20 +358,24 @@ def main() -> None:
   for name in times:
     median, speed[name] = median_speed(times[name], args.batch)
     print(f"{name}: median {median:.3f} s/step (min {min(times[name]):.3f})"
-          f", {speed[name]:.2f} images/s, loss {losses[name][0]:.4f} -> "
+          f", {speed[name]:.2f} images/s, {statistics.median(cpu[name]):.2f}"
+          f" CPU s/step, loss {losses[name][0]:.4f} -> "
           f"{losses[name][-1]:.4f}", flush=True)
 
   if args.parts:
+    split_cpu = {}
     split, _ = alternate(
         {"ours tower+projector": lambda i: ours.tower(batches[i]),
          "ours forward+loss": lambda i: ours.forward_loss(batches[i]),
          "theirs tower+projector": lambda i: theirs.tower(batches[i]),
          "theirs step": lambda i: theirs.step(batches[i])},
-        args.parts + 1, 1)
+        args.parts + 1, 1, split_cpu)
     timed = theirs.parts[-args.parts:]
-    print("time split (medians of " + str(args.parts) + " rounds, s): "
-          + ", ".join(f"{k} {statistics.median(v):.3f}"
-                      for k, v in split.items() if k != "theirs step")
+    print("time split (medians of " + str(args.parts) + " rounds, wall s "
+          "(CPU s)): " + ", ".join(
+              f"{k} {statistics.median(v):.3f} "
+              f"({statistics.median(split_cpu[k]):.2f})"
+              for k, v in split.items() if k != "theirs step")
           + "; theirs inside the step: " + ", ".join(
               f"{k} {statistics.median(p[k] for p in timed):.3f}"
               for k in timed[0]), flush=True)
@@ -385,10 +393,11 @@ def main() -> None:
     nhwc = [np.ascontiguousarray(x.transpose(0, 2, 3, 1)) for x in nchw]
     diff = np.abs(tower_ours(nhwc[0]) - tower_theirs(nchw[0])).max()
     others.start()
+    tower_cpu = {}
     tower_times, _ = alternate(
         {"mllm_jax": lambda i: tower_ours(nhwc[i]),
          "transformers": lambda i: tower_theirs(nchw[i])},
-        rounds, args.warmup)
+        rounds, args.warmup, tower_cpu)
     tower_cores = others.cores()
     print(f"vision tower alone (bench/vision_tower.py's sides: all "
           f"{tower_cfg.num_layers} layers, class token + patches, attention"
@@ -400,7 +409,8 @@ def main() -> None:
     for name, t in tower_times.items():
       median, tower_speed[name] = median_speed(t, args.batch)
       print(f"  {name}: median {median:.3f} s/batch (min {min(t):.3f}), "
-            f"{tower_speed[name]:.1f} images/s")
+            f"{tower_speed[name]:.1f} images/s, "
+            f"{statistics.median(tower_cpu[name]):.2f} CPU s/batch")
     tower_ratio = tower_speed["mllm_jax"] / tower_speed["transformers"]
 
   print(f"ratio (mllm_jax / transformers LLaVA), stage-2 step images/s: "

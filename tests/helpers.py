@@ -1,8 +1,12 @@
-"""Shared test helpers: tiny models and an independent NumPy reference."""
+"""Shared test helpers: tiny models, an independent NumPy reference, and
+watching a training binary run in a subprocess (to kill and resume it)."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import time
 
 import jax
 import numpy as np
@@ -125,3 +129,57 @@ def randomise_torch(module, seed: int | None = None):
       else:
         p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
   return module.eval()
+
+
+# ---------------------------------------------- a training binary as a process
+# What the kill-and-resume tests share: a launch.* binary started with
+# subprocess.Popen(..., stdout=PIPE, stderr=PIPE, text=True) in a workdir,
+# watched through its metrics.jsonl and checkpoints/.
+
+
+def metrics(workdir):
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def train_losses(workdir):
+  return {r["step"]: r["loss"] for r in metrics(workdir) if "loss" in r}
+
+
+def wait_for_step(proc, workdir, step, timeout=240):
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if max(train_losses(workdir), default=0) >= step:
+      return
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    time.sleep(0.2)
+  raise TimeoutError(f"step {step} not reached")
+
+
+def checkpoint_steps(workdir) -> list[int]:
+  """The steps saved under WORKDIR/checkpoints, finished saves only (Orbax
+  writes into a temporary folder and renames it to the step when done)."""
+  folder = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(folder):
+    return []
+  return sorted(int(name) for name in os.listdir(folder) if name.isdigit())
+
+
+def wait_for_checkpoint(proc, workdir, step, timeout=240):
+  """Polls (every 20 ms) until the checkpoint of `step` is written."""
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if step in checkpoint_steps(workdir):
+      return
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    time.sleep(0.02)
+  raise TimeoutError(f"checkpoint {step} not written")
+
+
+def finish(proc, timeout=300):
+  out, err = proc.communicate(timeout=timeout)
+  assert proc.returncode == 0, err[-3000:]
+  return out + err

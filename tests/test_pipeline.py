@@ -1,9 +1,11 @@
 """Pipeline parallelism on the `stage` axis: same loss and gradients as no
-pipeline, the schedule's bubble, checkpoints across pipeline layouts."""
+pipeline, the schedule's bubble, checkpoints across pipeline layouts, and a
+pipelined launch.pretrain killed with SIGKILL resuming bitwise."""
 
 from __future__ import annotations
 
 import functools
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +14,7 @@ import pytest
 
 from configs.vision import projector_config, vision_config
 from mllm_jax.configlib import ConfigError, from_config
+from mllm_jax.convert import native
 from mllm_jax.data import mm_batch
 from mllm_jax.modeling.multimodal import MultimodalConfig
 from mllm_jax.modeling.vision_config import ProjectorConfig, VisionConfig
@@ -24,7 +27,11 @@ from mllm_jax.train.compile import build_program, check_layout, initial_state
 from mllm_jax.train.config import OptimizerConfig, TrainConfig
 from mllm_jax.train.multimodal_task import STAGE_TRAINABLE, multimodal_task
 from mllm_jax.train.task import language_model_task
-from tests.helpers import rel_err, tiny_config
+from tests.helpers import (checkpoint_steps, finish, rel_err, tiny_config,
+                           train_losses, wait_for_checkpoint)
+# The pretrain binary's small run and its prepared Shakespeare shards
+# (`prepared` is a module-scoped fixture).
+from tests.test_pretrain import prepared, start, workdir_with_data  # pylint: disable=unused-import
 
 # 8 layers: 2 or 4 stages, with 1 or 2 repeats, all cut evenly.
 CFG = tiny_config("tiny", num_layers=8, remat="full")
@@ -167,6 +174,53 @@ def test_checkpoint_restores_across_pipeline_layouts(tmp_path):
     np.testing.assert_array_equal(np.asarray(got), want)
   q = back["params"]["blocks"]["attn"]["q"]
   assert q.sharding == piped.state["params"]["blocks"]["attn"]["q"].sharding
+
+
+# launch.pretrain's small run (tests/test_pretrain.py: 2 layers, d=64, batch
+# 8 x 64, 12 steps, a checkpoint every 4) on 2 GPipe stages of one layer:
+# data 4 x stage 2, 2 pieces of 4 sequences (one per data shard). No
+# evaluation and a set peak (no matmul timing): only what the test needs.
+PIPELINED = ["--config.parallel.stage=2",
+             "--config.parallel.pipeline_microbatches=2",
+             "--config.train.eval_every=0", "--config.train.peak_flops=1e10"]
+
+
+def test_killed_pipelined_run_resumes_bitwise(tmp_path, prepared,
+                                              monkeypatch):
+  """SIGKILL right after a checkpoint is written, then the same command
+  again: the per-step losses and the final parameters are those of the run
+  that was never stopped, bit for bit."""
+  # The three runs share JAX's persistent compilation cache, so only the
+  # first pays for compiling (the init and the step, and the dozens of small
+  # slice programs Orbax's first save compiles): the other two start about
+  # 3x faster.
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax_cache"))
+  monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+  straight = workdir_with_data(tmp_path, prepared, "straight")
+  log = finish(start(straight, *PIPELINED))
+  assert "pipeline: gpipe, 2 stages x 2 micro-batches" in log
+  want = train_losses(straight)
+  assert sorted(want) == list(range(1, 13))
+
+  killed = workdir_with_data(tmp_path, prepared, "killed")
+  proc = start(killed, *PIPELINED)
+  wait_for_checkpoint(proc, killed, 4)
+  proc.send_signal(signal.SIGKILL)
+  proc.communicate()
+  assert proc.returncode == -signal.SIGKILL
+  # A step takes about 0.1 s: the run may finish another checkpoint between
+  # the poll and the kill. It resumes from the last one it finished.
+  saved = max(checkpoint_steps(killed))
+  assert 4 <= saved < 12
+  log = finish(start(killed, *PIPELINED))
+  assert f"restored step {saved}" in log
+  assert train_losses(killed) == want
+  (_, got), (_, params) = (native.load_params(str(d / "model"))
+                           for d in (killed, straight))
+  for (path, a), b in zip(jax.tree.leaves_with_path(got),
+                          jax.tree.leaves(params)):
+    np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
 
 
 @pytest.mark.parametrize("stages,micro,repeats", [

@@ -12,6 +12,9 @@ import time
 import pytest
 
 from mllm_jax.data.samples import prepare_shakespeare
+# finish, train_losses and wait_for_step are also imported from here by
+# other tests.
+from tests.helpers import finish, train_losses, wait_for_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = [
@@ -45,33 +48,6 @@ def start(workdir, *extra):
        "--config=configs/pretrain.py:tiny", f"--workdir={workdir}", *SMALL,
        *extra], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
       text=True)
-
-
-def metrics(workdir):
-  path = workdir / "metrics.jsonl"
-  if not path.exists():
-    return []
-  return [json.loads(line) for line in open(path) if line.strip()]
-
-
-def train_losses(workdir):
-  return {r["step"]: r["loss"] for r in metrics(workdir) if "loss" in r}
-
-
-def wait_for_step(proc, workdir, step, timeout=240):
-  deadline = time.time() + timeout
-  while time.time() < deadline:
-    if max(train_losses(workdir), default=0) >= step:
-      return
-    assert proc.poll() is None, proc.communicate()[1][-3000:]
-    time.sleep(0.2)
-  raise TimeoutError(f"step {step} not reached")
-
-
-def finish(proc, timeout=300):
-  out, err = proc.communicate(timeout=timeout)
-  assert proc.returncode == 0, err[-3000:]
-  return out + err
 
 
 def test_preempted_and_killed_run_continues_exactly(tmp_path, prepared):

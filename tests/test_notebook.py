@@ -2,15 +2,19 @@
 (a handful of pretraining steps) and shows what it promises: a crawl cleaned
 with its funnel plot, a tokenizer and shards, a loss that fell, a loss-curve
 plot and a sample. Offline: the data comes from scripts/fetch_data.py's
-cache, and the install cell finds the project already installed."""
+cache, and the install cell finds the project already installed. Outside a
+checkout the install cell takes the repository from REPO_URL or
+MLLM_JAX_REPO, or stops with a message that names them."""
 
 from __future__ import annotations
 
 import base64
 import json
 import os
+import sys
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,3 +79,48 @@ def test_quickstart_notebook(tmp_path, monkeypatch):
   # The sampler ran on the trained checkpoint.
   sample = next(c for c in code if "launch.generate" in _texts(c))
   assert "ROMEO." in _texts(sample)
+
+
+def _install_cells():
+  """The settings cell and the install cell, as one script."""
+  code = [c.source for c in nbformat.read(NOTEBOOK, as_version=4).cells
+          if c.cell_type == "code"]
+  install = next(i for i, s in enumerate(code) if "find_repo" in s)
+  assert install >= 1 and "REPO_URL" in code[install - 1]
+  return code[install - 1] + "\n" + code[install]
+
+
+def test_install_cell_outside_a_checkout(tmp_path, monkeypatch):
+  """Outside a checkout (Colab) the install cell clones what REPO_URL or
+  MLLM_JAX_REPO names; with neither it stops with a message naming both,
+  never a made-up URL. A folder holding a checkout is used as it is; a bad
+  URL or folder stops with a message that names it."""
+  script = _install_cells()
+  assert "YOUR_ORG" not in script and "github.com" not in script
+  monkeypatch.chdir(tmp_path)  # no checkout here or above
+  monkeypatch.delenv("MLLM_JAX_REPO", raising=False)
+  with pytest.raises(RuntimeError, match="MLLM_JAX_REPO") as error:
+    exec(script, {})  # pylint: disable=exec-used
+  assert "REPO_URL" in str(error.value)
+  assert not os.listdir(tmp_path)  # nothing cloned, nothing installed
+
+  monkeypatch.setenv("MLLM_JAX_REPO", str(tmp_path))
+  with pytest.raises(RuntimeError, match="not an mllm_jax checkout"):
+    exec(script, {})  # pylint: disable=exec-used
+
+  monkeypatch.setenv("MLLM_JAX_REPO", f"file://{tmp_path}/missing.git")
+  with pytest.raises(RuntimeError, match="git clone .* failed"):
+    exec(script, {})  # pylint: disable=exec-used
+
+  monkeypatch.setattr(sys, "path", list(sys.path))  # the cell prepends REPO
+  monkeypatch.setenv("MLLM_JAX_REPO", REPO)
+  scope = {}
+  exec(script, scope)  # pylint: disable=exec-used
+  assert scope["REPO"] == REPO and sys.path[0] == REPO
+
+  # A URL is cloned beside the notebook (this checkout's last commit here).
+  monkeypatch.setenv("MLLM_JAX_REPO", f"file://{REPO}")
+  scope = {}
+  exec(script, scope)  # pylint: disable=exec-used
+  assert scope["REPO"] == str(tmp_path / "mllm_jax")
+  assert os.path.isfile(tmp_path / "mllm_jax" / "launch" / "pretrain.py")

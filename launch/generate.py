@@ -8,6 +8,19 @@ r"""Samples text from a native checkpoint.
   python -m launch.generate --checkpoint=DIR --chat_template \
       --prompt="What is the capital of France?" [--system="Be brief."]
 
+With a multimodal checkpoint (launch.mm_align / mm_instruct's WORKDIR/model,
+or a converted LLaVA) and --image, each --prompt (or the first --chat turn)
+is a user turn about the images, rendered in the chat format the model was
+trained with (--format, default LLaVA's llava_v1; minigpt4 for MiniGPT-4's):
+
+  python -m launch.generate --checkpoint=S2/model --image=shapes.png \
+      --prompt="What shape is in the image?" [--format=minigpt4]
+  python -m launch.generate --checkpoint=S2/model --image=scene.png --chat
+
+The images' placeholders go before the text unless it holds `<image>`
+itself; replies stop at the format's end of turn; a --chat conversation
+continues from the KV cache as for text.
+
 `--tokenizer=bytes` uses byte-level ids (for byte-level test models). In
 --chat mode each stdin line is a user turn appended to the conversation; the
 reply streams as it is generated, and the conversation continues from the KV
@@ -29,9 +42,14 @@ import sys
 from absl import app, flags
 
 from mllm_jax.configlib import ConfigError
+from mllm_jax.convert import multimodal as mm_io
 from mllm_jax.convert import native
+from mllm_jax.data import chat, images, readers
+from mllm_jax.data.tokenizer import IMAGE, load_tokenizer
+from mllm_jax.eval import chat_eval
+from mllm_jax.generate.multimodal import MultimodalSampler
 from mllm_jax.generate.sampler import Sampler, check_sampling_flags
-from mllm_jax.data.tokenizer import load_tokenizer
+from mllm_jax.train import mm_stage
 from launch import flags as launch_flags
 from launch.flags import (mesh_from_flag, quiet_library_logs, require_flags,
                           vocab_mismatch)
@@ -58,6 +76,12 @@ _CHAT_TEMPLATE = flags.DEFINE_bool(
 _SYSTEM = flags.DEFINE_string(
     "system", None, "--chat_template: a system message before the first "
     "user turn (default: none; the template may add its own).")
+_IMAGE = flags.DEFINE_multi_string(
+    "image", [], "Image file(s) for a multimodal checkpoint; each --prompt "
+    "(or the first --chat turn) is asked about them.")
+_FORMAT = flags.DEFINE_string(
+    "format", "llava_v1", "Chat format of a multimodal checkpoint (the one "
+    "its stage trained with: llava_v1, minigpt4, ...).")
 USER, ASSISTANT = "User: ", "Assistant:"
 
 
@@ -73,7 +97,7 @@ def _print_stream(tokenizer, state, hidden=()):
   return on_chunk
 
 
-def chat(sampler, tokenizer, sampling) -> None:
+def text_chat(sampler, tokenizer, sampling) -> None:
   """A multi-turn loop that resumes from the cache after each reply."""
   previous = None
   for line in sys.stdin:
@@ -142,6 +166,78 @@ def chat_with_template(sampler, tokenizer, sampling) -> None:
     sys.stdout.flush()
 
 
+class ImageChat:
+  """A conversation about images with a multimodal checkpoint, rendered in
+  its chat format; each reply continues from the KV cache when the
+  rendered conversation extends what the cache holds."""
+
+  def __init__(self, sampler, tokenizer, fmt, pixels, sampling):
+    self.sampler, self.tokenizer, self.fmt = sampler, tokenizer, fmt
+    self.pixels, self.sampling = pixels, sampling
+    self.eot = chat_eval.end_of_turn(fmt, tokenizer)
+    self.turns: list = []
+    self.previous, self.held = None, []
+
+  def prompt(self, turns) -> list[int]:
+    conv = chat.Conversation("chat", tuple(turns), None,
+                             ("image",) * len(self.pixels))
+    return chat.encode_prompt(mm_stage.image_conversation(conv, self.fmt),
+                              self.tokenizer, self.fmt).tolist()
+
+  def ask(self, text: str, on_chunk=None) -> str:
+    if not self.turns and IMAGE not in text:
+      text = f"{IMAGE}\n" * len(self.pixels) + text
+    self.turns.append(chat.Turn(chat.USER, text))
+    ids = self.prompt(self.turns)
+    kwargs = dict(sampling=self.sampling, stop_tokens=self.eot.stop_tokens,
+                  stop_strings=list(self.eot.strings) + _STOP.value,
+                  chunk_size=8, on_chunk=on_chunk)
+    if self.previous is not None and ids[:len(self.held)] == self.held:
+      self.previous = self.sampler.resume(
+          self.previous, [ids[len(self.held):]], _MAX_NEW.value, rows=[0],
+          **kwargs)
+    else:
+      self.previous = self.sampler.generate([ids], [self.pixels],
+                                            _MAX_NEW.value, seed=_SEED.value,
+                                            **kwargs)
+    tokens = self.previous.tokens[0]
+    reply = (self.previous.texts[0]
+             if self.previous.stop_reasons[0] == "stop_string"
+             else _reply(self.tokenizer, tokens, self.eot.stop_tokens))
+    self.held = ids + tokens
+    self.turns.append(chat.Turn(chat.ASSISTANT, reply.strip()))
+    return reply.strip()
+
+
+def image_main(mesh, sampling) -> None:
+  """--prompt / --chat with a multimodal checkpoint (and --image)."""
+  try:
+    cfg = mm_io.read_config(_CHECKPOINT.value)
+    tokenizer = load_tokenizer(_TOKENIZER.value or _CHECKPOINT.value)
+    fmt = chat.get_format(_FORMAT.value, tokenizer)
+    image_cfg = images.ImageConfig(size=cfg.vision.image_size)
+    pixels = []
+    for path in _IMAGE.value:
+      out = images.pixels_of(path, image_cfg, path)
+      if isinstance(out, readers.Drop):
+        raise ConfigError(f"--image: {out.where}: {out.reason}")
+      pixels.append(out)
+    _, model = mm_io.load_model(_CHECKPOINT.value, mesh=mesh)
+  except (ConfigError, FileNotFoundError, ValueError, KeyError) as e:
+    sys.exit(f"generate: error: {e}")
+  sampler = MultimodalSampler(model, tokenizer, pad_id=max(
+      tokenizer.pad_id, 0), mesh=mesh)
+  if _CHAT.value:
+    session = ImageChat(sampler, tokenizer, fmt, pixels, sampling)
+    for line in sys.stdin:
+      if not line.strip():
+        break
+      print(session.ask(line.rstrip("\n")), flush=True)
+    return
+  for prompt in _PROMPT.value:  # each a fresh conversation about the images
+    print(ImageChat(sampler, tokenizer, fmt, pixels, sampling).ask(prompt))
+
+
 def main(argv: list[str]) -> None:
   quiet_library_logs()
   if len(argv) > 1:
@@ -153,6 +249,17 @@ def main(argv: list[str]) -> None:
     raise app.UsageError("--max_new_tokens must be >= 1")
   if _SYSTEM.value is not None and not _CHAT_TEMPLATE.value:
     raise app.UsageError("--system needs --chat_template")
+  if _IMAGE.value and not mm_io.is_multimodal(_CHECKPOINT.value):
+    sys.exit(f"generate: error: --image: {_CHECKPOINT.value} is not a "
+             f"multimodal checkpoint (no {mm_io.CONFIG_FILE})")
+  if mm_io.is_multimodal(_CHECKPOINT.value):
+    try:
+      sampling = check_sampling_flags(_TEMPERATURE.value, _TOP_K.value,
+                                      _TOP_P.value)
+    except ConfigError as e:
+      sys.exit(f"generate: error: {e}")
+    image_main(mesh_from_flag(_MESH), sampling)
+    return
   try:
     sampling = check_sampling_flags(_TEMPERATURE.value, _TOP_K.value,
                                     _TOP_P.value)
@@ -177,7 +284,7 @@ def main(argv: list[str]) -> None:
       if _CHAT_TEMPLATE.value:
         chat_with_template(sampler, tokenizer, sampling)
       else:
-        chat(sampler, tokenizer, sampling)
+        text_chat(sampler, tokenizer, sampling)
     except ValueError as e:  # A chat template that raised.
       sys.exit(f"generate: error: {e}")
     return

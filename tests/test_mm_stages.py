@@ -15,6 +15,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from PIL import Image
 
 from mllm_jax.convert import multimodal as mm_io
 from mllm_jax.convert import native
@@ -28,7 +29,8 @@ from tests.test_stages import REPO
 
 COMMON = ["--config.train.log_every=1", "--config.optimizer.warmup_steps=0",
           "--config.train.async_checkpoint=False",
-          "--config.data.eval_examples=8"]
+          "--config.data.eval_examples=8", "--config.eval.limit=4",
+          "--config.eval.max_new_tokens=6"]
 ALIGN = ["--config=configs/mm.py:align_tiny", *COMMON,
          "--config.train.steps=12", "--config.train.checkpoint_every=3",
          "--config.train.eval_every=6", "--config.data.max_examples=48"]
@@ -36,6 +38,18 @@ INSTRUCT = ["--config=configs/mm.py:instruct_tiny", *COMMON,
             "--config.train.steps=2", "--config.train.checkpoint_every=2",
             "--config.train.eval_every=2", "--config.data.max_examples=32",
             "--config.data.format=minigpt4"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def shared_compilation_cache(tmp_path_factory):
+  """The stage runs share JAX's persistent compilation cache, so the
+  killed, resumed and later runs reuse what the first one compiled."""
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setenv("JAX_COMPILATION_CACHE_DIR",
+                 str(tmp_path_factory.mktemp("jax_cache")))
+    patch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    patch.setenv("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+    yield
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +96,8 @@ def test_stage1_resumes_bitwise_and_stage2_starts_from_it(tmp_path,
   assert sorted(want) == list(range(1, 13))
 
   killed = tmp_path / "killed"
-  proc = run("mm_align", killed, *ALIGN, base)
+  quick = "--config.eval.limit=0"  # held-out losses only, no generation
+  proc = run("mm_align", killed, *ALIGN, base, quick)
   wait_for_step(proc, killed, 4, timeout=600)
   proc.send_signal(signal.SIGKILL)
   proc.communicate()
@@ -91,7 +106,7 @@ def test_stage1_resumes_bitwise_and_stage2_starts_from_it(tmp_path,
   saved = max(int(p.name) for p in (killed / "checkpoints").iterdir()
               if p.name.isdigit())
   assert 3 <= saved < 12
-  log = finish(run("mm_align", killed, *ALIGN, base), timeout=600)
+  log = finish(run("mm_align", killed, *ALIGN, base, quick), timeout=600)
   assert f"restored step {saved}" in log
   assert train_losses(killed) == want
 
@@ -105,6 +120,15 @@ def test_stage1_resumes_bitwise_and_stage2_starts_from_it(tmp_path,
   assert_parts(stage1, seeded, same=("vision", "decoder"),
                moved=("projector",))
   assert (straight / "model" / "tokenizer.model").exists()
+  # Before and after, measured by the run: held-out caption loss (also
+  # with the images zeroed), captions generated and scored.
+  summary = json.load(open(straight / "summary.json"))
+  for when in ("before", "after"):
+    got = summary[when]
+    assert np.isfinite([got["loss"], got["loss_zero_images"]]).all()
+    assert got["replies"]["count"] == 4
+    assert 0 <= got["captions"]["CIDEr-D"] and got["captions"]["images"] == 4
+  assert summary["after"]["loss"] < summary["before"]["loss"]
 
   # Stage 2 (MiniGPT-4 format, text-only conversations in the same
   # batches) from stage 1: projector and LLM move.
@@ -123,6 +147,29 @@ def test_stage1_resumes_bitwise_and_stage2_starts_from_it(tmp_path,
   assert summary["data"]["notes"]["text_only_examples"] == 8
   assert_parts(params(instruct / "model"), stage1, same=("vision",),
                moved=("projector", "decoder"))
+  # VQA accuracy per question type beside its baselines, and the ablation.
+  baselines = summary["data"]["answer_baselines"]
+  for when in ("before", "after"):
+    for key in ("vqa", "vqa_zero_images"):
+      got = summary[when][key]
+      assert got["all"]["count"] == 4 and 0 <= got["all"]["accuracy"] <= 1
+      assert set(got) <= set(baselines)
+
+  # Chat with an image through launch.generate, in the stage's format.
+  image = tmp_path / "shape.png"
+  Image.fromarray(np.full((40, 40, 3), (200, 30, 30), np.uint8)).save(image)
+  out = subprocess.run(
+      [sys.executable, "-m", "launch.generate",
+       f"--checkpoint={instruct / 'model'}", f"--image={image}",
+       "--prompt=What color is the shape?", "--format=minigpt4",
+       "--max_new_tokens=4"], cwd=REPO, capture_output=True, text=True)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert len(out.stdout.strip().splitlines()) == 1
+  out = subprocess.run(
+      [sys.executable, "-m", "launch.generate",
+       f"--checkpoint={instruct / 'model'}", f"--image={tmp_path}/none.png",
+       "--prompt=Hi"], cwd=REPO, capture_output=True, text=True)
+  assert out.returncode != 0 and "none.png" in out.stderr
 
 
 def test_stage2_refuses_a_text_checkpoint(tmp_path, text_base):

@@ -158,12 +158,11 @@ def build_program(task: TrainTask, parallel: ParallelConfig,
       pipeline=pipeline)
 
 
-def initial_state(program: TrainProgram, seed: int
-                  ) -> tuple[TrainState, nnx.State]:
-  """(train state, frozen params) on the mesh: the model born sharded from
-  `seed`, then the task's starting weights restored straight into their
-  shardings, split into what trains and what stays frozen."""
-  task, mesh, rules = program.task, program.mesh, program.rules
+def starting_model(task: TrainTask, mesh: Mesh, rules, seed: int
+                   ) -> nnx.Module:
+  """The task's model before training: born sharded from `seed`, then the
+  task's starting weights restored straight into their shardings (what a
+  stage evaluates as "before")."""
   model = create_sharded(lambda: task.build_model(nnx.Rngs(seed)), mesh,
                          rules)
   if task.load_weights is not None:
@@ -174,6 +173,16 @@ def initial_state(program: TrainProgram, seed: int
         pure)
     nnx.replace_by_pure_dict(state, task.load_weights(targets))
     nnx.update(model, state)
+  return model
+
+
+def initial_state(program: TrainProgram, seed: int
+                  ) -> tuple[TrainState, nnx.State]:
+  """(train state, frozen params) on the mesh: the model born sharded from
+  `seed`, then the task's starting weights restored straight into their
+  shardings, split into what trains and what stays frozen."""
+  task, mesh, rules = program.task, program.mesh, program.rules
+  model = starting_model(task, mesh, rules, seed)
   _, params, frozen = split_trainable(model, task.trainable)
   del model
   with use_mesh(mesh, rules):

@@ -87,13 +87,14 @@ def save_with_tokenizer(model_dir: str, cfg: ModelConfig, model,
       shutil.copy(path, model_dir)
 
 
-def heldout_loss(model, batches) -> float:
+def heldout_loss(model, batches, loss_fn=None) -> float:
   """Weighted next-token loss of `model` over packed batches (for SFT the
   response loss: only assistant tokens carry weight), the same loss the
-  trainer optimises and reports as eval_loss."""
+  trainer optimises and reports as eval_loss. loss_fn: the task's loss
+  (default the LM loss; the multimodal stages pass theirs)."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from mllm_jax.train.task import lm_loss  # pylint: disable=g-import-not-at-top
-  loss = jax.jit(lm_loss())
+  loss = jax.jit(loss_fn or lm_loss())
   total, weight = 0.0, 0.0
   for batch in batches:
     loss_sum, sums = loss(model, {k: jnp.asarray(v) for k, v in

@@ -38,14 +38,19 @@ from mllm_jax.data import chat, image_sets, image_templates, images, mm_batch
 from mllm_jax.data import image_readers
 from mllm_jax.data.image_templates import mix_text_only
 from mllm_jax.data.tokenizer import IMAGE, load_tokenizer
+from mllm_jax.eval import captioning, image_tasks
+from mllm_jax.eval.chat_eval import reply_metrics
+from mllm_jax.generate.multimodal import MultimodalSampler
 from mllm_jax.modeling import peft as peft_lib
-from mllm_jax.modeling.multimodal import MultimodalConfig
+from mllm_jax.modeling.multimodal import (MultimodalConfig, MultimodalModel,
+                                          multimodal_loss)
 from mllm_jax.modeling.peft_config import PeftConfig
 from mllm_jax.modeling.vision_config import ProjectorConfig, VisionConfig
 from mllm_jax.parallel.config import ParallelConfig
-from mllm_jax.train.compile import check_run
+from mllm_jax.parallel.mesh import make_mesh
+from mllm_jax.train.compile import check_run, starting_model
 from mllm_jax.train.config import OptimizerConfig, TrainConfig
-from mllm_jax.train.finetune import base_model_config
+from mllm_jax.train.finetune import base_model_config, heldout_loss
 from mllm_jax.train.metrics import console
 from mllm_jax.train.multimodal_task import STAGE_TRAINABLE, multimodal_task
 from mllm_jax.train.trainer import train
@@ -66,8 +71,12 @@ PLAIN = chat.register_format(chat.TurnFormat(
     answer="{content}", end_of_turn="\n"))
 
 
-def _minigpt4(conv: chat.Conversation) -> chat.Conversation:
-  """The image placeholder wrapped as MiniGPT-4 writes it."""
+def image_conversation(conv: chat.Conversation, fmt: chat.ChatFormat
+                       ) -> chat.Conversation:
+  """The conversation as `fmt` shows images: MiniGPT-4 wraps each
+  placeholder in <Img>...</Img>; other formats leave it as it is."""
+  if fmt.name != MINIGPT4.name:
+    return conv
   turns = tuple(t if t.role != chat.USER else chat.Turn(
       t.role, t.content.replace(IMAGE, MINIGPT4_IMAGE), t.input)
                 for t in conv.turns)
@@ -113,6 +122,7 @@ def read_examples(config, cfg: MultimodalConfig, tokenizer, fmt
       caption_kind=data.caption_kind, vqa_sources=tuple(data.vqa_sources),
       seed=data.seed)
   stats = chat.ChatStats()
+  question_types, baselines = {}, {}
   if config.stage == "align":
     train_raw, held_raw = image_sets.caption_split(sets, stats)
   else:
@@ -120,10 +130,13 @@ def read_examples(config, cfg: MultimodalConfig, tokenizer, fmt
     order = np.random.default_rng(data.seed)
     pick = lambda items, n: [items[i] for i in sorted(order.permutation(
         len(items))[:n or len(items)])]
-    train_raw = image_templates.vqa_examples(
-        pick(train_items, data.max_examples), data.seed, stats=stats)
-    held_raw = image_templates.vqa_examples(
-        pick(test_items, data.eval_examples), data.seed, stats=stats)
+    train_items = pick(train_items, data.max_examples)
+    test_items = pick(test_items, data.eval_examples)
+    question_types = {item.id: item.question_type for item in test_items}
+    train_raw = image_templates.vqa_examples(train_items, data.seed,
+                                             stats=stats)
+    held_raw = image_templates.vqa_examples(test_items, data.seed,
+                                            stats=stats)
   image_cfg = images.ImageConfig(size=cfg.vision.image_size)
 
   fit = dict(max_len=config.seq_len + 1, image_token_id=cfg.image_token_id,
@@ -134,9 +147,8 @@ def read_examples(config, cfg: MultimodalConfig, tokenizer, fmt
     (so what truncation drops is counted here, not batch after batch)."""
     out = []
     for ex in raw:
-      if fmt.name == MINIGPT4.name:
-        ex = images.ImageExample(ex.id, _minigpt4(ex.conversation),
-                                 ex.images)
+      ex = images.ImageExample(ex.id, image_conversation(ex.conversation,
+                                                         fmt), ex.images)
       try:
         record = images.prepare(ex, image_cfg, stats, tokenizer, fmt)
       except chat.ChatFormatError as e:
@@ -157,6 +169,12 @@ def read_examples(config, cfg: MultimodalConfig, tokenizer, fmt
   if config.stage == "instruct" and data.instruction_files:
     train_examples += _instruction_examples(data.instruction_files, prepare,
                                             stats)
+  if question_types:  # what VQA accuracy is compared with, per type
+    for record in held_out:
+      record["question_type"] = question_types[record["id"]]
+    kept = {record["id"] for record in held_out}
+    baselines = image_sets.answer_baselines(
+        train_items, [item for item in test_items if item.id in kept])
   summary = stats.summary()
   check(bool(train_examples), "seq_len" if summary["dropped"].get(
       "no_answer_after_truncation") else "data",
@@ -169,6 +187,8 @@ def read_examples(config, cfg: MultimodalConfig, tokenizer, fmt
           f"{summary['notes'].get('text_only_examples', 0)} text-only) and "
           f"{len(held_out):,} held-out examples; dropped "
           f"{summary['dropped'] or 'none'}")
+  if baselines:
+    summary["answer_baselines"] = baselines
   return train_examples, held_out, summary
 
 
@@ -238,6 +258,53 @@ def start_weights(config, cfg: MultimodalConfig):
       path, targets["decoder"])}
 
 
+def evaluate(config, model, tokenizer, fmt, held_out: list,
+             eval_batches: list, stage: str, mesh=None, rules=None
+             ) -> dict[str, Any]:
+  """What a stage shows on its held-out examples, for one model.
+
+  Both stages: the held-out loss on the answers (captions / VQA answers)
+  with the images and with every image zeroed (does the loss use the
+  image?), and greedy replies to the first `eval.limit` examples with
+  their end-of-turn rate (none with eval.limit=0). Stage 1 adds captioning metrics of the replies
+  against the held-out captions; stage 2 VQA accuracy per question type,
+  also with the images zeroed.
+  """
+  loss = multimodal_loss()
+  zeroed = [dict(b, images=np.zeros_like(b["images"])) for b in eval_batches]
+  out: dict[str, Any] = {
+      "loss": heldout_loss(model, eval_batches, loss),
+      "loss_zero_images": heldout_loss(model, zeroed, loss)}
+  records = held_out[:config.eval.limit]
+  if not records:  # eval.limit=0: the losses only
+    return out
+  sampler = MultimodalSampler(model, tokenizer, mesh, rules,
+                              pad_id=max(tokenizer.pad_id, 0),
+                              prompt_multiple=32)
+  ask = lambda zero: image_tasks.answer_images(
+      sampler, tokenizer, fmt, records, config.eval.max_new_tokens,
+      zero_images=zero)
+  replies = ask(False)
+  references = [image_tasks.reference_of(r) for r in records]
+  out["replies"] = dict(reply_metrics(replies), count=len(records))
+  if stage == "instruct":
+    types = [r["question_type"] for r in records]
+    out["vqa"] = image_tasks.vqa_accuracy([r.text for r in replies],
+                                          references, types)
+    out["vqa_zero_images"] = image_tasks.vqa_accuracy(
+        [r.text for r in ask(True)], references, types)
+  else:
+    out["captions"] = captioning.caption_metrics(
+        {r["id"]: [ref] for r, ref in zip(records, references)},
+        {r["id"]: reply.text for r, reply in zip(records, replies)}
+    ).summary()
+  out["examples"] = [
+      {"id": r["id"], "prompt": r["conversation"].turns[0].content,
+       "reference": ref, "reply": reply.text}
+      for r, ref, reply in list(zip(records, references, replies))[:6]]
+  return out
+
+
 def run_stage(config, workdir: str, stage: str) -> dict[str, Any]:
   """Runs stage `stage` ("align" / "instruct") in `workdir`, resuming a
   run found there; writes WORKDIR/model and WORKDIR/summary.json."""
@@ -275,6 +342,24 @@ def run_stage(config, workdir: str, stage: str) -> dict[str, Any]:
       load_weights=start_weights(config, cfg),
       weights_source=config.init_checkpoint)
   os.makedirs(workdir, exist_ok=True)
+  mesh, rules = make_mesh(parallel), tuple(parallel.rules)
+  measure = lambda model: evaluate(config, model, tokenizer, fmt, held_out,
+                                   eval_batches, stage, mesh, rules)
+
+  # ------------------------------------------------------------------ before
+  before_file = os.path.join(workdir, "before.json")
+  if not os.path.exists(before_file):
+    # Without adapters: LoRA starts as the identity, and the merged model
+    # is what "after" measures.
+    plain = dataclasses.replace(task, build_model=lambda rngs: (
+        MultimodalModel(cfg, rngs)))
+    before = measure(starting_model(plain, mesh, rules, config.seed))
+    if jax.process_index() == 0:
+      with open(before_file, "w") as f:
+        json.dump(before, f, indent=2, default=float)
+  before = json.load(open(before_file))
+
+  # ------------------------------------------------------------------ train
   last, model = train(task, parallel, optimizer_cfg, train_cfg, config.seed,
                       workdir, train_iter, eval_batches)
   model_dir = os.path.join(workdir, "model")
@@ -284,16 +369,42 @@ def run_stage(config, workdir: str, stage: str) -> dict[str, Any]:
     cfg = dataclasses.replace(cfg, model=merged.cfg)
     params["decoder"] = nnx.to_pure_dict(nnx.state(merged))
   mm_io.save_model(model_dir, cfg, params, overwrite=True)
+  if jax.process_index() == 0:
+    for path in glob.glob(os.path.join(config.init_checkpoint, "tokenizer*")):
+      shutil.copy(path, model_dir)
+  del model
+
+  # ------------------------------------------------------------------ after
+  run = {k: v for k, v in config.run.to_dict().items() if k != "dtype" or v}
+  after = measure(mm_io.load_model(model_dir, mesh, rules, **run)[1])
   summary = {"stage": stage, "base": config.init_checkpoint,
              "format": fmt.name, "tokens_per_image": cfg.tokens_per_image,
              "peft": peft_cfg.method,
              "train_examples": len(train_examples),
              "text_mix": config.data.text_mix,
              "held_out_examples": len(held_out), "data": data_summary,
-             "batches": train_iter.stats.summary(), "last": last}
+             "batches": train_iter.stats.summary(), "last": last,
+             "before": before, "after": after}
   if jax.process_index() == 0:
-    for path in glob.glob(os.path.join(config.init_checkpoint, "tokenizer*")):
-      shutil.copy(path, model_dir)
     with open(os.path.join(workdir, "summary.json"), "w") as f:
       json.dump(summary, f, indent=2, default=float)
+  console(report_line(stage, before, after))
   return summary
+
+
+def report_line(stage: str, before: dict, after: dict) -> str:
+  """One line of what moved: held-out loss (and with zeroed images), and
+  VQA accuracy or CIDEr-D."""
+  line = (f"{stage}: held-out loss {before['loss']:.3f} -> "
+          f"{after['loss']:.3f} (images zeroed: "
+          f"{after['loss_zero_images']:.3f})")
+  if "replies" not in after:
+    return line
+  if "vqa" in after:
+    line += (f"; VQA accuracy {before['vqa']['all']['accuracy']:.1%} -> "
+             f"{after['vqa']['all']['accuracy']:.1%} (images zeroed: "
+             f"{after['vqa_zero_images']['all']['accuracy']:.1%})")
+  else:
+    line += (f"; CIDEr-D {before['captions']['CIDEr-D']:.3f} -> "
+             f"{after['captions']['CIDEr-D']:.3f}")
+  return line

@@ -21,15 +21,27 @@ from typing import Any, Callable
 
 
 def cpu_model() -> str:
-  """The processor's name from /proc/cpuinfo (Linux), else platform's."""
+  """The processor's name, family/model and whether it has AVX-512, from
+  /proc/cpuinfo (Linux; a bare "AMD EPYC" has been both a Zen 3 without
+  AVX-512, family 25, and a Zen 5 with it, family 26), else platform's."""
+  fields = {}
   try:
     with open("/proc/cpuinfo") as f:
       for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key in ("model name", "cpu family", "model", "flags"):
+          fields.setdefault(key, value.strip())
+        if not line.strip() and fields:  # the first processor is enough
+          break
   except OSError:
     pass
-  return platform.processor() or platform.machine()
+  if "model name" not in fields:
+    return platform.processor() or platform.machine()
+  avx512 = "avx512f" in fields.get("flags", "").split()
+  return (f"{fields['model name']} (family {fields.get('cpu family', '?')} "
+          f"model {fields.get('model', '?')}, "
+          f"{'AVX-512' if avx512 else 'no AVX-512'})")
 
 
 def load_line() -> str:

@@ -5,7 +5,7 @@ transformers' `CLIPVisionModel` (bench/vision_tower.py's two sides).
 
   python bench/mm_step.py [--steps=4] [--warmup=1] [--batch=8] [--text=64]
       [--threads=N] [--feature_layer=-2] [--tower_steps=4] [--attn=sdpa]
-      [--parts=2]
+      [--parts=2] [--attention=cpu_fused] [--tower_attention=cpu_fused]
 
 The model (one config, float32 parameters and compute):
   vision tower  configs/vision.py `small`: ViT-S/14 sized, 224 px, patch 14,
@@ -26,7 +26,8 @@ Ours: the stage-2 task (`multimodal_task`, STAGE_TRAINABLE["instruct"]:
 projector + LLM train, the tower frozen: no gradient, no optimizer state)
 through `build_program` / `initial_state` (1-device mesh, state donated),
 with bench/train_step.py's CPU settings (tuned XLA flags, `cpu_fused`
-attention in tower and LLM, hand-written backward passes, the LLM's 8 layers
+attention in tower and LLM unless `--attention` / `--tower_attention` say
+`xla`, hand-written backward passes, the LLM's 8 layers
 in one scan iteration, fused CPU AdamW, freed memory kept). Theirs: our
 initial weights exported with `convert.multimodal.save_llava` and read by
 `LlavaForConditionalGeneration.from_pretrained` (sdpa attention), the tower's
@@ -76,8 +77,10 @@ IMAGE_ID = VOCAB - 1  # the last token id is `<image>`
 SYSTEM_TOKENS = 8
 
 
-def mm_config(seq: int, feature_layer: int, feature_select: str = "patch"):
-  """The benchmarked MultimodalConfig (see the module docstring)."""
+def mm_config(seq: int, feature_layer: int, feature_select: str = "patch",
+              attention: str = "cpu_fused", tower_attention: str = "cpu_fused"):
+  """The benchmarked MultimodalConfig (see the module docstring), with the
+  LLM's and the tower's attention backends."""
   # pylint: disable=import-outside-toplevel
   from configs.vision import projector_config, vision_config
   from mllm_jax.configlib import from_config
@@ -85,10 +88,10 @@ def mm_config(seq: int, feature_layer: int, feature_select: str = "patch"):
   from mllm_jax.modeling.vision_config import ProjectorConfig, VisionConfig
   # pylint: enable=import-outside-toplevel
   llm = model_config(seq, scan_unroll=8, custom_vjp=True,
-                     attention_backend="cpu_fused")
+                     attention_backend=attention)
   vision = from_config(VisionConfig, vision_config(
       "small", dtype="float32", param_dtype="float32",
-      attention_backend="cpu_fused", feature_layer=feature_layer,
+      attention_backend=tower_attention, feature_layer=feature_layer,
       feature_select=feature_select), "vision")
   projector = from_config(ProjectorConfig, projector_config(
       "mlp2x_gelu", dtype="float32", param_dtype="float32"), "projector")
@@ -290,6 +293,13 @@ def main() -> None:
   parser.add_argument("--parts", type=int, default=2,
                       help="rounds of the time split after the steps (0: "
                       "skip)")
+  parser.add_argument("--attention", default="cpu_fused",
+                      choices=("cpu_fused", "xla"),
+                      help="the LLM's model.attention_backend")
+  parser.add_argument("--tower_attention", default="cpu_fused",
+                      choices=("cpu_fused", "xla"),
+                      help="the tower's vision.attention_backend (also in "
+                      "the tower-alone comparison)")
   parser.add_argument("--attn", default="sdpa", choices=("sdpa", "eager"),
                       help="transformers attention implementation")
   parser.add_argument("--xla_flags", default=TUNED_XLA_FLAGS,
@@ -307,7 +317,8 @@ def main() -> None:
   torch.set_num_threads(args.threads)
 
   seq = 256 + args.text
-  cfg = mm_config(seq, args.feature_layer)
+  cfg = mm_config(seq, args.feature_layer, attention=args.attention,
+                  tower_attention=args.tower_attention)
   total = args.warmup + args.steps
   batches = make_batches(cfg, total, args.batch, args.text)
   first = batches[0]
@@ -330,8 +341,9 @@ def main() -> None:
         f"{args.batch} x seq {seq} ({cfg.tokens_per_image} image positions "
         f"per row, {answer_tokens} answer tokens with loss in the first "
         f"batch, {image_positions} image positions), {args.warmup} warm-up "
-        f"+ {args.steps} timed steps each; attention cpu_fused vs "
-        f"{args.attn}; XLA_FLAGS={os.environ['XLA_FLAGS']!r}")
+        f"+ {args.steps} timed steps each; attention: LLM "
+        f"{cfg.model.attention_backend}, tower "
+        f"{cfg.vision.attention_backend}, transformers {args.attn}; XLA_FLAGS={os.environ['XLA_FLAGS']!r}")
   print(f"trainable: ours {ours.trainable:,} (frozen {ours.frozen_count:,}),"
         f" transformers {theirs.trainable:,} (frozen "
         f"{theirs.frozen_count:,})")
@@ -382,7 +394,8 @@ def main() -> None:
 
   tower_ratio, tower_cores = None, 0.0
   if args.tower_steps:
-    tower_cfg = mm_config(seq, -1, "cls_patch").vision
+    tower_cfg = mm_config(seq, -1, "cls_patch",
+                          tower_attention=args.tower_attention).vision
     tower_ours, tower_model = vision_tower.build_ours(tower_cfg)
     tower_theirs = vision_tower.build_theirs(tower_model, args.attn)
     rng = np.random.default_rng(1)

@@ -45,7 +45,9 @@ on a busy host the wall time also holds the waits for a core, which the CPU
 time does not (it does hold the threads' spin-waits). `--parts` more rounds
 then split the time: ours as separately compiled pieces (tower + projector
 forward; forward + loss), theirs inside its step (forward with the tower,
-backward, clip + AdamW) plus its tower + projector alone. The tower alone
+backward, clip + AdamW) plus its tower + projector alone, and both sides'
+LLM alone (bench/train_step.py's text-only steps, same LLaMA, same tokens,
+every target weighted). The tower alone
 (`--tower_steps`) uses bench/vision_tower.py's functions on the same tower
 config with all 6 layers and the class token (the same work on both sides).
 
@@ -71,6 +73,7 @@ from bench.host import (OtherLoad, alternate, host_line, load_line,  # noqa: E40
 from bench.sft_step import CLIP, optimizer_config  # noqa: E402
 from bench.train_step import (TUNED_XLA_FLAGS, VOCAB, configure_xla,  # noqa: E402
                               model_config)
+from bench import train_step as text_step  # noqa: E402
 from bench import vision_tower  # noqa: E402
 
 IMAGE_ID = VOCAB - 1  # the last token id is `<image>`
@@ -375,11 +378,22 @@ def main() -> None:
           f"{losses[name][-1]:.4f}", flush=True)
 
   if args.parts:
+    # The same LLM alone, text only (bench/train_step.py's two sides: every
+    # target weighted), on the batches' tokens with the image positions as
+    # they are: how much of each step is the LLM's.
+    tokens = [np.concatenate([b["inputs"], b["targets"][:, -1:]], 1)
+              for b in batches]
+    llm_ours, llm_weights = text_step.build_ours(
+        cfg.model, optimizer_config(), args.parts + 1)
+    llm_theirs = text_step.build_theirs(
+        cfg.model, optimizer_config(), args.parts + 1, llm_weights, args.attn)
     split_cpu = {}
     split, _ = alternate(
         {"ours tower+projector": lambda i: ours.tower(batches[i]),
          "ours forward+loss": lambda i: ours.forward_loss(batches[i]),
+         "ours LLM-only step": lambda i: llm_ours(tokens[i]),
          "theirs tower+projector": lambda i: theirs.tower(batches[i]),
+         "theirs LLM-only step": lambda i: llm_theirs(tokens[i]),
          "theirs step": lambda i: theirs.step(batches[i])},
         args.parts + 1, 1, split_cpu)
     timed = theirs.parts[-args.parts:]

@@ -282,6 +282,13 @@ def alignment_stage(workdir: str) -> list[str]:
   return demo_alignment.alignment(workdir, run)
 
 
+def multimodal_stage(workdir: str) -> list[str]:
+  """Eyes for the SFT model: stage 1 (projector on captioned images) and
+  stage 2 (projector + LLM on visual questions), launch/demo_multimodal.py."""
+  from launch import demo_multimodal  # pylint: disable=g-import-not-at-top
+  return demo_multimodal.multimodal(workdir, run)
+
+
 BASE_TASKS = {"piqa": 2, "arc_easy": 4}  # task -> choices
 
 
@@ -324,8 +331,8 @@ def base_model(workdir: str) -> list[str]:
 
 STAGES: list[Callable[[str], list[str]]] = [clean_web, tokenize, pretrain,
                                             generate, evaluate, flan_stage,
-                                            sft_stage, alignment_stage,
-                                            base_model]
+                                            sft_stage, multimodal_stage,
+                                            alignment_stage, base_model]
 
 
 def main(argv):

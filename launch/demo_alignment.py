@@ -66,8 +66,9 @@ def curves(run_dir: str, name: str, panels: Sequence[Panel]) -> str:
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   records = [json.loads(line) for line in open(
       os.path.join(run_dir, "metrics.jsonl")) if line.strip()]
-  fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5))
-  for ax, (title, ylabel, keys) in zip(axes, panels):
+  fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5),
+                           squeeze=False)
+  for ax, (title, ylabel, keys) in zip(axes[0], panels):
     for key, label in keys:
       points = [(r["step"], r[key]) for r in records if key in r]
       if points:

@@ -17,6 +17,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
+from launch import demo_multimodal
 from mllm_jax.convert import multimodal as mm_io
 from mllm_jax.convert import native
 from mllm_jax.data.tokenizer import load_tokenizer, train_sentencepiece
@@ -122,13 +123,13 @@ def test_stage1_resumes_bitwise_and_stage2_starts_from_it(tmp_path,
   assert (straight / "model" / "tokenizer.model").exists()
   # Before and after, measured by the run: held-out caption loss (also
   # with the images zeroed), captions generated and scored.
-  summary = json.load(open(straight / "summary.json"))
+  summary_1 = json.load(open(straight / "summary.json"))
   for when in ("before", "after"):
-    got = summary[when]
+    got = summary_1[when]
     assert np.isfinite([got["loss"], got["loss_zero_images"]]).all()
     assert got["replies"]["count"] == 4
     assert 0 <= got["captions"]["CIDEr-D"] and got["captions"]["images"] == 4
-  assert summary["after"]["loss"] < summary["before"]["loss"]
+  assert summary_1["after"]["loss"] < summary_1["before"]["loss"]
 
   # Stage 2 (MiniGPT-4 format, text-only conversations in the same
   # batches) from stage 1: projector and LLM move.
@@ -154,6 +155,14 @@ def test_stage1_resumes_bitwise_and_stage2_starts_from_it(tmp_path,
       got = summary[when][key]
       assert got["all"]["count"] == 4 and 0 <= got["all"]["accuracy"] <= 1
       assert set(got) <= set(baselines)
+
+  # The demo's report sections read these summaries.
+  report = "\n".join(demo_multimodal.align_report(str(straight)))
+  assert f"{summary_1['after']['captions']['CIDEr-D']:.3f}" in report
+  report = "\n".join(demo_multimodal.instruct_report(str(instruct)))
+  for kind, row in summary["after"]["vqa"].items():
+    assert f"| {kind} | {row['count']:.0f} |" in report
+  assert (instruct / "loss.png").exists()
 
   # Chat with an image through launch.generate, in the stage's format.
   image = tmp_path / "shape.png"

@@ -38,7 +38,7 @@ def get_config(name: str = "tiny") -> ml_collections.ConfigDict:
   config = finetune_config(tiny=name == "tiny", steps=ppo.iterations,
                            batch_size=ppo.prompts_per_iteration // ppo.minibatches,
                            seq_len=seq_len, learning_rate=lr)
-  config.optimizer.warmup_steps = 0
+  config.optimizer.warmup_ratio = 0.0
   config.optimizer.end_learning_rate_ratio = 1.0
   config.peft.method = peft
   if peft == "lora":

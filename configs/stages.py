@@ -39,7 +39,7 @@ def finetune_config(*, tiny: bool, steps: int, batch_size: int, seq_len: int,
   config.parallel = _dataclass_config(ParallelConfig(data=-1))
   config.seq_len = seq_len
   config.optimizer = _dataclass_config(OptimizerConfig(
-      learning_rate=learning_rate, warmup_steps=min(30, steps // 10),
+      learning_rate=learning_rate, warmup_steps=0, warmup_ratio=0.1,
       weight_decay=0.0, end_learning_rate_ratio=0.0,
       backend="cpu_fused" if tiny else "optax"))
   config.train = _dataclass_config(TrainConfig(

@@ -21,7 +21,7 @@ from tests.test_stages import base  # noqa: F401  (the fixture)
 from tests.test_stages import REPO
 
 SMALL = ["--config.seq_len=128", "--config.train.log_every=1",
-         "--config.optimizer.warmup_steps=0"]
+         "--config.optimizer.warmup_ratio=0"]
 REWARD = ["--config=configs/reward.py:tiny", *SMALL,
           "--config.train.batch_size=8", "--config.train.steps=6",
           "--config.train.checkpoint_every=3", "--config.train.eval_every=3",

@@ -32,6 +32,7 @@ RUN = ["--config=configs/dpo.py:tiny", "--config.seq_len=128",
        "--config.train.batch_size=8", "--config.train.steps=8",
        "--config.train.log_every=1", "--config.train.checkpoint_every=4",
        "--config.train.eval_every=4", "--config.optimizer.warmup_steps=2",
+       "--config.optimizer.warmup_ratio=0",
        "--config.optimizer.learning_rate=1e-3",
        "--config.data.limit_per_source=40", "--config.data.eval_comparisons=16",
        "--config.data.sources=('arc_easy','gsm8k','bfcl_simple')"]

@@ -28,7 +28,7 @@ from tests.helpers import tiny_config
 from tests.test_pretrain import finish, train_losses, wait_for_step
 from tests.test_stages import REPO
 
-COMMON = ["--config.train.log_every=1", "--config.optimizer.warmup_steps=0",
+COMMON = ["--config.train.log_every=1", "--config.optimizer.warmup_ratio=0",
           "--config.train.async_checkpoint=False",
           "--config.data.eval_examples=8", "--config.eval.limit=4",
           "--config.eval.max_new_tokens=6"]

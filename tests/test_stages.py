@@ -21,7 +21,8 @@ COMMON = ["--config.train.batch_size=8", "--config.train.steps=12",
           "--config.train.log_every=1", "--config.train.checkpoint_every=4",
           "--config.train.eval_every=0", "--config.seq_len=128",
           "--config.eval.limit=4", "--config.eval.max_new_tokens=8",
-          "--config.optimizer.warmup_steps=2"]
+          "--config.optimizer.warmup_steps=2",
+          "--config.optimizer.warmup_ratio=0"]
 STAGES = {
     "sft": ["--config=configs/sft.py:tiny", "--config.data.max_conversations=64",
             "--config.data.eval_conversations=8", "--config.eval.benchmarks=()"],

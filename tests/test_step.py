@@ -133,3 +133,20 @@ def test_mu_dtype_bfloat16_keeps_the_rest_float32():
 def test_mu_dtype_is_validated():
   with pytest.raises(ConfigError, match="optimizer.mu_dtype"):
     OptimizerConfig(mu_dtype="float16").validate()
+
+
+def test_warmup_ratio_follows_the_run_length():
+  """A stage preset's warmup is a fraction of train.steps, so overriding the
+  steps keeps the schedule's shape instead of a run that never warms up."""
+  cfg = OptimizerConfig(learning_rate=1.0, warmup_steps=0, warmup_ratio=0.1,
+                        end_learning_rate_ratio=0.0)
+  for steps in (20, 400):
+    schedule = learning_rate_schedule(cfg, steps)
+    peak = steps // 10
+    assert float(schedule(peak)) == pytest.approx(1.0)
+    assert float(schedule(peak // 2)) == pytest.approx(0.5)
+    assert float(schedule(steps)) == pytest.approx(0.0)
+  with pytest.raises(ConfigError, match="optimizer.warmup_steps.*warmup_ratio"):
+    OptimizerConfig(warmup_steps=5, warmup_ratio=0.1).validate()
+  with pytest.raises(ConfigError, match="optimizer.warmup_ratio"):
+    OptimizerConfig(warmup_steps=0, warmup_ratio=1.5).validate()

@@ -67,6 +67,10 @@ class OptimizerConfig:
   """
   learning_rate: float = 3e-4
   warmup_steps: int = 2000
+  # > 0: the warmup is this fraction of the run's steps instead (HF's
+  # `warmup_ratio`), so a run whose train.steps is overridden keeps its
+  # shape; warmup_steps must then be 0.
+  warmup_ratio: float = 0.0
   decay_steps: int = 0  # 0: the run's train.steps
   end_learning_rate_ratio: float = 0.1
   b1: float = 0.9
@@ -91,6 +95,11 @@ class OptimizerConfig:
   def validate(self, prefix: str = "optimizer") -> None:
     check(self.learning_rate > 0, f"{prefix}.learning_rate", "must be > 0")
     check(self.warmup_steps >= 0, f"{prefix}.warmup_steps", "must be >= 0")
+    check(0 <= self.warmup_ratio < 1, f"{prefix}.warmup_ratio",
+          "must be in [0, 1)")
+    check(self.warmup_ratio == 0 or self.warmup_steps == 0,
+          f"{prefix}.warmup_steps", f"is {self.warmup_steps} and "
+          f"warmup_ratio is {self.warmup_ratio}: set one of them to 0")
     check(self.decay_steps >= 0, f"{prefix}.decay_steps", "must be >= 0")
     check(0 <= self.end_learning_rate_ratio <= 1,
           f"{prefix}.end_learning_rate_ratio", "must be in [0, 1]")

@@ -24,11 +24,19 @@ from mllm_jax.train import offload
 from mllm_jax.train.config import OptimizerConfig
 
 
+def warmup_steps(cfg: OptimizerConfig, total_steps: int) -> int:
+  """`warmup_steps`, or `warmup_ratio` of the run's steps where that is set."""
+  if cfg.warmup_ratio > 0:
+    return round(cfg.warmup_ratio * total_steps)
+  return cfg.warmup_steps
+
+
 def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int):
-  decay = max(cfg.decay_steps or total_steps, cfg.warmup_steps + 1)
+  warmup = warmup_steps(cfg, total_steps)
+  decay = max(cfg.decay_steps or total_steps, warmup + 1)
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=cfg.learning_rate,
-      warmup_steps=cfg.warmup_steps, decay_steps=decay,
+      warmup_steps=warmup, decay_steps=decay,
       end_value=cfg.learning_rate * cfg.end_learning_rate_ratio)
 
 

@@ -165,13 +165,6 @@ def test_backend_with_prefix_and_alibi(backend):
                  model(TOKENS, prefix_mask=prefix)) < 1e-5
 
 
-def test_splash_refuses_prefix_with_a_named_alternative():
-  cfg, model = tiny_model("tiny")
-  other = with_config(model, replace(cfg, attention_backend="splash"))
-  with pytest.raises(ValueError, match="attention_backend='splash'"):
-    other(TOKENS, prefix_mask=np.ones((2, 11), bool))
-
-
 @pytest.mark.parametrize("policy", ["full", "save_dots"])
 def test_remat_policies_leave_gradients_unchanged(policy):
   cfg, model = tiny_model("tiny")

@@ -185,12 +185,17 @@ def fused_attention(q, k, v, mask, bias=None, implementation=None):
       q, k, v, bias=bias, mask=mask[:, None], implementation=implementation)
 
 
-def splash_attention(q, k, v, segment_ids, interpret=False):
-  """Pallas splash (flash) attention for TPU: causal within segments.
+def splash_attention(q, k, v, segment_ids, interpret=False, mask=None):
+  """Pallas splash (flash) attention for TPU: causal within segments, or,
+  given `mask` [B, T, T] (a bidirectional prefix: image tokens), that mask.
 
-  Runs per device under shard_map (batch over the batch axes, K/V heads over
-  the tensor axis) because Pallas kernels are not auto-partitioned.
-  `interpret=True` runs the same kernel on CPU, for tests.
+  The causal kernel's mask is static, so whole blocks above the diagonal
+  are skipped. A prefix differs per example: the kernel is then built per
+  example from its dense mask (splash's dynamic masks), which still skips
+  the blocks that mask empties but costs T x T bytes per example and query
+  head. Runs per device under shard_map (batch over the batch axes, K/V
+  heads over the tensor axis) because Pallas kernels are not
+  auto-partitioned. `interpret=True` runs the same kernel on CPU, for tests.
   """
   from jax.experimental.pallas.ops.tpu.splash_attention import (
       splash_attention_kernel as splash, splash_attention_mask as masks)
@@ -200,20 +205,39 @@ def splash_attention(q, k, v, segment_ids, interpret=False):
   q = (q / math.sqrt(d)).reshape(b, t, kv, groups, d).transpose(0, 2, 3, 1, 4)
   k = k.transpose(0, 2, 1, 3)  # [B, KV, S, D]
   v = v.transpose(0, 2, 1, 3)
+  block = min(512, t)
+  sizes = splash.BlockSizes(block_q=block, block_kv=block,
+                            block_kv_compute=block, block_q_dkv=block,
+                            block_kv_dkv=block, block_kv_dkv_compute=block,
+                            block_q_dq=block, block_kv_dq=block)
 
-  def per_device(q, k, v, segment_ids):
-    mask = masks.MultiHeadMask([masks.CausalMask((t, t))] * groups)
-    block = min(512, t)
-    sizes = splash.BlockSizes(block_q=block, block_kv=block,
-                              block_kv_compute=block, block_q_dkv=block,
-                              block_kv_dkv=block, block_kv_dkv_compute=block,
-                              block_q_dq=block, block_kv_dq=block)
-    kernel = splash.make_splash_mqa(mask, block_sizes=sizes, head_shards=1,
-                                    q_seq_shards=1, interpret=interpret)
+  def make(kernel_mask):
+    return splash.make_splash_mqa(kernel_mask, block_sizes=sizes,
+                                  head_shards=1, q_seq_shards=1,
+                                  interpret=interpret)
+
+  def causal(q, k, v, segment_ids):
+    kernel = make(masks.MultiHeadMask([masks.CausalMask((t, t))] * groups))
     segments = splash.SegmentIds(q=segment_ids, kv=segment_ids)
     over_heads = jax.vmap(kernel, in_axes=(0, 0, 0, None))
     return jax.vmap(over_heads)(q, k, v, segments)
 
+  def dense(q, k, v, mask):
+    def one_example(q, k, v, mask):
+      # Every row keeps its diagonal, so padding rows (masked everywhere)
+      # never make a block row empty, whose output would be 0 / 0.
+      mask = mask | jnp.eye(t, dtype=bool)
+      kernel = make(jnp.broadcast_to(mask, (groups, t, t)))
+      # make_splash_mqa turns the mask infos' `is_dynamic_mask` flag into an
+      # array, which under jit is a tracer its __call__ cannot branch on.
+      for name in ("fwd_mask_info", "dq_mask_info", "dkv_mask_info"):
+        info = getattr(kernel, name)
+        if info is not None:
+          setattr(kernel, name, info._replace(is_dynamic_mask=True))
+      return jax.vmap(kernel)(q, k, v)
+    return jax.vmap(one_example)(q, k, v, mask)
+
+  per_device, extra = (causal, segment_ids) if mask is None else (dense, mask)
   mesh = current_mesh()
   if mesh is not None:
     batch = current_spec(("act_batch",))[0]
@@ -223,7 +247,7 @@ def splash_attention(q, k, v, segment_ids, interpret=False):
         in_specs=(PartitionSpec(batch, heads), PartitionSpec(batch, heads),
                   PartitionSpec(batch, heads), PartitionSpec(batch)),
         out_specs=PartitionSpec(batch, heads), check_vma=False)
-  out = per_device(q, k, v, segment_ids)  # [B, KV, G, T, D]
+  out = per_device(q, k, v, extra)  # [B, KV, G, T, D]
   return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
@@ -360,13 +384,14 @@ class Attention(nnx.Module):
       impl = "cudnn" if cfg.attention_backend == "cudnn" else None
       out = fused_attention(q, k, v, mask, bias, implementation=impl)
     else:
-      if bias is not None or has_prefix:
+      if bias is not None or k.shape[1] != q.shape[1]:
         raise ValueError(
-            "model.attention_backend='splash' supports causal masks with "
-            "segments only (no ALiBi bias, no bidirectional prefix); use "
-            "'xla' or 'dot_product'")
+            "model.attention_backend='splash' supports masks over the "
+            "sequence itself only (no ALiBi bias, no PEFT keys before it); "
+            "use 'xla' or 'dot_product'")
       out = splash_attention(q, k, v, segment_ids,
-                             interpret=jax.default_backend() != "tpu")
+                             interpret=jax.default_backend() != "tpu",
+                             mask=mask if has_prefix else None)
     heads = constrain(out, ("act_batch", "act_length", "act_heads", None))
     out = jnp.einsum("bthk,hkd->btd", heads, self.o[...].astype(dt))
     if self.peft is not None:

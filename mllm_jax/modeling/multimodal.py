@@ -17,8 +17,8 @@ with no image slot, so text-only and image examples mix in one batch.
 With `bidirectional_images` the decoder's `prefix_mask` is the image
 positions: the image tokens of one example attend to each other in both
 directions (all of that example's images together), text stays causal. Every
-attention backend that takes a mask supports it; the splash kernel is
-causal-only here, so that combination is refused by the config.
+attention backend supports it; splash builds its kernel per example from
+the dense mask then (modeling/attention.py, `splash_attention`).
 
 Parameters live under `vision.`, `projector.` and `decoder.`; stages pick
 what trains with `task.path_filter` over those prefixes. The decoder may
@@ -77,12 +77,6 @@ class MultimodalConfig:
           "multimodal.image_token_id",
           f"{self.image_token_id} is not a token id of the model (vocab "
           f"size {self.model.vocab_size})")
-    check(not (self.bidirectional_images
-               and self.model.attention_backend == "splash"),
-          "multimodal.bidirectional_images",
-          "model.attention_backend='splash' is causal-only here (no "
-          "bidirectional prefix); use 'xla', 'dot_product', 'cudnn' or "
-          "'cpu_fused', or set bidirectional_images=False")
 
   def to_dict(self) -> dict[str, Any]:
     """The architecture as JSON-able dicts (the decoder's run fields left

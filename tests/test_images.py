@@ -300,6 +300,28 @@ def test_easy_vqa():
     image_sources.easy_vqa("val")
 
 
+def test_easy_vqa_captions_come_from_the_images_own_labels(tmp_path):
+  stats = chat.ChatStats()
+  test = image_sources.easy_vqa_captions("test", stats=stats)
+  assert len(test) == 603 and stats.counts == {"unlabelled": 397}  # yes/no only
+  assert test[0].caption == "A red triangle."
+  # The caption agrees with every labelled question about that image.
+  for q in image_sources.easy_vqa("test"):
+    if q.image == test[0].image and q.question_type != "yes_no":
+      assert q.answer in test[0].caption
+  # A conflicting pair of labels drops the image, counted.
+  root = tmp_path / "test"
+  (root / "images").mkdir(parents=True)
+  (root / "images" / "0.png").write_bytes(b"")
+  (root / "questions.json").write_text(
+      '[["what shape is present?", "circle", 0], '
+      '["what shape is in the image?", "triangle", 0], '
+      '["what color is the shape?", "red", 0]]')
+  stats = chat.ChatStats()
+  assert image_sources.easy_vqa_captions("test", str(tmp_path), stats) == []
+  assert stats.counts == {"conflicting_labels": 1}
+
+
 def test_qres_errors_name_the_problem(tmp_path):
   with pytest.raises(qres.QresError, match="not a Qt resource bundle"):
     qres.parse_qres(b"PK\x03\x04", "x.rcc")

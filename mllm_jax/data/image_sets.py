@@ -11,7 +11,8 @@ test) with the answer baselines a trained model must beat.
 Splits never share what would let a model pass by memory:
   captions   a caption goes to held-out when a seeded hash of its text
              falls under `held_out_fraction` (Tux Paint has several stamps
-             with one caption: they land on one side together); composited
+             with one caption: they land on one side together); easy-vqa
+             captions keep easy-vqa's own train / test images; composited
              scenes are split by index, train scenes [0, train_scenes) and
              test scenes after them, so a scene whose caption names where
              each object is never trains a model tested on its questions.
@@ -32,7 +33,7 @@ from typing import Any, Sequence
 from mllm_jax.configlib import check, check_choice
 from mllm_jax.data import chat, image_sources, image_templates, scenes
 
-CAPTION_SOURCES = ("tuxpaint", "gcompris", "skimage", "scenes")
+CAPTION_SOURCES = ("tuxpaint", "gcompris", "skimage", "scenes", "easy_vqa")
 VQA_SOURCES = ("easy_vqa", "scenes")
 
 
@@ -108,6 +109,10 @@ def caption_split(cfg: ImageSetsConfig, stats: chat.ChatStats | None = None
     if name == "scenes":
       train += scene_split(cfg, "train")
       held_out += scene_split(cfg, "test")
+      continue
+    if name == "easy_vqa":  # its own train / test images
+      train += image_sources.easy_vqa_captions("train", stats=stats)
+      held_out += image_sources.easy_vqa_captions("test", stats=stats)
       continue
     for item in readers_by_name[name](stats=stats):
       side = held_out if _held_out(item.caption, cfg.held_out_fraction,

@@ -2,6 +2,9 @@
 library): console hygiene, required flags, and the flag groups several
 binaries define the same way."""
 
+import dataclasses
+import os
+
 from absl import app, flags, logging
 
 
@@ -62,6 +65,101 @@ def define_inference_flags() -> tuple[flags.FlagHolder, ...]:
           "larger than the tokenizer's because it was padded (e.g. "
           "train_tokenizer --pad_vocab_multiple, or HF models padded to a "
           "multiple of 64); a sampled padding id prints as U+FFFD."))
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherFlags:
+  """The flags of one teacher (a model that answers chat conversations:
+  `data.instructions.Teacher`) under a role name, e.g. "teacher" or "judge":
+  --ROLE=native:DIR|openai:URL, --ROLE_model, --ROLE_tokenizer, and the
+  request flags --api_key_env, --timeout_s, --max_retries, --concurrency."""
+  role: str
+  spec: flags.FlagHolder
+  model: flags.FlagHolder
+  tokenizer: flags.FlagHolder
+  api_key_env: flags.FlagHolder
+  timeout_s: flags.FlagHolder
+  max_retries: flags.FlagHolder
+  concurrency: flags.FlagHolder
+
+  def check(self) -> tuple[str, str]:
+    """(kind, DIR or URL) after the usage checks, which name the flag; cheap,
+    so a binary calls it with its other checks, before anything loads."""
+    require_flags(self.spec)
+    flag = f"--{self.role}"
+    kind, _, where = self.spec.value.partition(":")
+    if kind not in ("native", "openai") or not where:
+      raise app.UsageError(f"{flag} must be native:DIR or openai:URL, got "
+                           f"{self.spec.value!r}")
+    openai_only = (self.model, self.api_key_env, self.timeout_s,
+                   self.max_retries, self.concurrency)
+    for holder in {"openai": (self.tokenizer,), "native": openai_only}[kind]:
+      if flags.FLAGS[holder.name].present:
+        other = "native:DIR" if kind == "openai" else "openai:URL"
+        raise app.UsageError(f"--{holder.name} applies to {flag}={other} "
+                             f"only")
+    if kind == "openai":
+      require_flags(self.model)
+      if not where.startswith(("http://", "https://")):
+        raise app.UsageError(f"{flag}=openai:URL needs an http:// or "
+                             f"https:// URL, got {where!r}")
+      if self.timeout_s.value <= 0:
+        raise app.UsageError("--timeout_s must be > 0")
+      if self.max_retries.value < 0:
+        raise app.UsageError("--max_retries must be >= 0")
+      if self.concurrency.value < 1:
+        raise app.UsageError("--concurrency must be >= 1")
+    return kind, where
+
+
+def define_teacher_flags(role: str = "teacher") -> TeacherFlags:
+  """Defines one teacher's flags (TeacherFlags) in the calling binary, which
+  checks them early with `.check()` and builds the teacher with
+  teacher_from_flags: one spelling for every binary that asks a model for
+  text (the data generators' teacher, the image judge). Adopt them as in
+  define_text_flags."""
+  openai = f"--{role}=openai:URL"
+  return TeacherFlags(
+      role=role,
+      spec=flags.DEFINE_string(
+          role, None, "native:DIR (a native checkpoint, sampled with the "
+          "compiled sampler) or openai:URL (an OpenAI-compatible server; "
+          "requests go to URL/v1/chat/completions, a trailing /v1 is "
+          "accepted)."),
+      model=flags.DEFINE_string(f"{role}_model", None,
+                                f"{openai}: the model name to ask."),
+      tokenizer=flags.DEFINE_string(
+          f"{role}_tokenizer", None, f"--{role}=native:DIR: tokenizer file "
+          "or directory, or 'bytes'; default: the one saved in DIR."),
+      api_key_env=flags.DEFINE_string(
+          "api_key_env", None, f"{openai}: environment variable holding the "
+          "API key (sent as a Bearer token; never printed)."),
+      timeout_s=flags.DEFINE_float("timeout_s", 120.0,
+                                   f"{openai}: seconds per request attempt."),
+      max_retries=flags.DEFINE_integer(
+          "max_retries", 3, f"{openai}: retries of a failed request "
+          "(timeouts, connection errors, HTTP 408/429/5xx, malformed JSON)."),
+      concurrency=flags.DEFINE_integer("concurrency", 8,
+                                       f"{openai}: requests in flight."))
+
+
+def teacher_from_flags(tf: TeacherFlags, batch_size: int):
+  """The Teacher the flags name, after `tf.check()` (usage errors naming
+  the flag). A missing checkpoint, a bad URL or an unset API key raise
+  FileNotFoundError / instructions.TeacherError. batch_size: prompts per
+  batch of a native teacher."""
+  from mllm_jax.data import instructions  # pylint: disable=g-import-not-at-top
+  kind, where = tf.check()
+  if kind == "openai":
+    return instructions.OpenAITeacher(
+        where, tf.model.value, tf.api_key_env.value,
+        timeout_s=tf.timeout_s.value, max_retries=tf.max_retries.value,
+        concurrency=tf.concurrency.value)
+  if not os.path.isdir(where):
+    raise FileNotFoundError(f"--{tf.role}: checkpoint directory {where} "
+                            f"does not exist")
+  return instructions.NativeTeacher.from_checkpoint(
+      where, tf.tokenizer.value, batch_size=batch_size)
 
 
 def vocab_mismatch(tokenizer, checkpoint: str,

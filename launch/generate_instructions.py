@@ -8,7 +8,7 @@ self-instruct (Wang et al. 2022) or Evol-Instruct (Xu et al. 2023).
   # any OpenAI-compatible endpoint (vLLM, llama.cpp server, ...)
   OPENAI_API_KEY=... python -m launch.generate_instructions \
       --method=evol_instruct --teacher=openai:http://localhost:8000 \
-      --model=NAME --api_key_env=OPENAI_API_KEY --generations=4 \
+      --teacher_model=NAME --api_key_env=OPENAI_API_KEY --generations=4 \
       --output=data/evol.jsonl --num_instructions=1000
 
 Writes FILE.jsonl (the native conversation schema: one user turn, with
@@ -23,7 +23,6 @@ a finished run. See docs/training.md ("Instruction data generation").
 
 from __future__ import annotations
 
-import os
 import sys
 
 from absl import app, flags
@@ -31,22 +30,13 @@ from absl import app, flags
 from mllm_jax.configlib import ConfigError
 from mllm_jax.data import instructions
 from mllm_jax.data.chat import ChatStats
+from launch import flags as launch_flags
 from launch.flags import quiet_library_logs, require_flags
 
 _METHOD = flags.DEFINE_enum("method", None, list(instructions.METHODS),
                             "Generation method.")
-_TEACHER = flags.DEFINE_string(
-    "teacher", None, "native:DIR (a native checkpoint, sampled with the "
-    "compiled sampler) or openai:URL (an OpenAI-compatible server; requests "
-    "go to URL/v1/chat/completions).")
-_MODEL = flags.DEFINE_string("model", None,
-                             "--teacher=openai:URL: the model name to ask.")
-_API_KEY_ENV = flags.DEFINE_string(
-    "api_key_env", None, "--teacher=openai:URL: environment variable "
-    "holding the API key (sent as a Bearer token; never printed).")
-_TOKENIZER = flags.DEFINE_string(
-    "tokenizer", None, "--teacher=native:DIR: tokenizer file or directory, "
-    "or 'bytes'; default: the one saved in DIR.")
+_TEACHER = launch_flags.define_teacher_flags("teacher")
+flags.adopt_module_key_flags(launch_flags)
 _OUTPUT = flags.DEFINE_string("output", None, "Output FILE.jsonl.")
 _NUM = flags.DEFINE_integer("num_instructions", 100,
                             "Conversations to generate.")
@@ -74,13 +64,6 @@ _NEW = flags.DEFINE_integer(
 _ROUGE = flags.DEFINE_float(
     "rouge_threshold", 0.7, "--method=self_instruct: drop a new instruction "
     "whose ROUGE-L F against any instruction in the pool is >= this.")
-_TIMEOUT = flags.DEFINE_float("timeout_s", 120.0,
-                              "--teacher=openai: seconds per request attempt.")
-_RETRIES = flags.DEFINE_integer(
-    "max_retries", 3, "--teacher=openai: retries of a failed request "
-    "(timeouts, connection errors, HTTP 408/429/5xx, malformed JSON).")
-_CONCURRENCY = flags.DEFINE_integer(
-    "concurrency", 8, "--teacher=openai: requests in flight.")
 _MAX_ROUNDS = flags.DEFINE_integer(
     "max_rounds", None, "Stop after this many rounds (rerun to continue).")
 _MAX_IDLE = flags.DEFINE_integer(
@@ -92,31 +75,16 @@ _MAX_OUTAGE = flags.DEFINE_integer(
 
 _SELF_ONLY = (_K, _NEW, _ROUGE)
 _EVOL_ONLY = (_GENERATIONS,)
-_OPENAI_ONLY = (_MODEL, _API_KEY_ENV, _TIMEOUT, _RETRIES, _CONCURRENCY)
-_NATIVE_ONLY = (_TOKENIZER,)
 
 
 def _present(holder: flags.FlagHolder) -> bool:
   return flags.FLAGS[holder.name].present
 
 
-def _check_flags() -> tuple[str, str]:
-  """(teacher kind, location) after the usage checks."""
-  require_flags(_METHOD, _TEACHER, _OUTPUT)
-  kind, _, where = _TEACHER.value.partition(":")
-  if kind not in ("native", "openai") or not where:
-    raise app.UsageError(f"--teacher must be native:DIR or openai:URL, got "
-                         f"{_TEACHER.value!r}")
-  if kind == "openai":
-    require_flags(_MODEL)
-    if not where.startswith(("http://", "https://")):
-      raise app.UsageError(f"--teacher=openai:URL needs an http:// or "
-                           f"https:// URL, got {where!r}")
-  other = {"openai": "native", "native": "openai"}[kind]
-  for holder in {"openai": _NATIVE_ONLY, "native": _OPENAI_ONLY}[kind]:
-    if _present(holder):
-      raise app.UsageError(f"--{holder.name} applies to --teacher={other}:"
-                           f"... only")
+def _check_flags() -> None:
+  """The usage checks, the teacher's first."""
+  _TEACHER.check()
+  require_flags(_METHOD, _OUTPUT)
   method = _METHOD.value
   for holder in {"self_instruct": _EVOL_ONLY,
                  "evol_instruct": _SELF_ONLY}[method]:
@@ -125,22 +93,15 @@ def _check_flags() -> tuple[str, str]:
                            f"--method={method}")
   if not _OUTPUT.value.endswith(".jsonl"):
     raise app.UsageError("--output must name a .jsonl file")
-  if _TIMEOUT.value <= 0:
-    raise app.UsageError("--timeout_s must be > 0")
-  if _RETRIES.value < 0:
-    raise app.UsageError("--max_retries must be >= 0")
-  if _CONCURRENCY.value < 1:
-    raise app.UsageError("--concurrency must be >= 1")
   if _MAX_ROUNDS.value is not None and _MAX_ROUNDS.value < 1:
     raise app.UsageError("--max_rounds must be >= 1")
-  return kind, where
 
 
 def main(argv: list[str]) -> None:
   quiet_library_logs()
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  kind, where = _check_flags()
+  _check_flags()
   config = instructions.GenerateConfig(
       method=_METHOD.value, num_instructions=_NUM.value, seed=_SEED.value,
       max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
@@ -161,16 +122,7 @@ def main(argv: list[str]) -> None:
       dropped = dict(seed_stats.counts)
       say(f"{len(seeds)} seed tasks from {_SEED_TASKS.value}"
           + (f" (dropped: {dropped})" if dropped else ""))
-    if kind == "openai":
-      teacher = instructions.OpenAITeacher(
-          where, _MODEL.value, _API_KEY_ENV.value, timeout_s=_TIMEOUT.value,
-          max_retries=_RETRIES.value, concurrency=_CONCURRENCY.value)
-    else:
-      if not os.path.isdir(where):
-        raise FileNotFoundError(f"--teacher: checkpoint directory {where} "
-                                f"does not exist")
-      teacher = instructions.NativeTeacher.from_checkpoint(
-          where, _TOKENIZER.value, batch_size=_BATCH.value)
+    teacher = launch_flags.teacher_from_flags(_TEACHER, _BATCH.value)
     say(f"{_METHOD.value} with {teacher.describe()} -> {_OUTPUT.value}")
     stats = instructions.generate(
         _METHOD.value, teacher, _OUTPUT.value, config, seeds,

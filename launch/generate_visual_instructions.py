@@ -9,7 +9,7 @@ objects' captions and boxes.
       --num_scenes=200 [--kinds=conversation,detail,reasoning]
   # any OpenAI-compatible endpoint (vLLM, llama.cpp server, ...)
   OPENAI_API_KEY=... python -m launch.generate_visual_instructions \
-      --teacher_url=http://localhost:8000/v1 --teacher_model=NAME \
+      --teacher=openai:http://localhost:8000/v1 --teacher_model=NAME \
       --api_key_env=OPENAI_API_KEY --output=data/visual.jsonl \
       --sources=scenes,gcompris --num_scenes=1000
 
@@ -25,31 +25,18 @@ See docs/multimodal.md ("Visual instruction data").
 
 from __future__ import annotations
 
-import os
 import sys
 
 from absl import app, flags
 
+from launch import flags as launch_flags
 from launch.flags import quiet_library_logs, require_flags
 from mllm_jax.configlib import ConfigError
 from mllm_jax.data import instructions
 from mllm_jax.data import visual_instructions as vi
 
-_TEACHER = flags.DEFINE_string(
-    "teacher", None, "native:DIR (a native checkpoint, sampled with the "
-    "compiled sampler) or openai:URL (same as --teacher_url=URL).")
-_TEACHER_URL = flags.DEFINE_string(
-    "teacher_url", None, "An OpenAI-compatible server (requests go to "
-    "URL/v1/chat/completions; a trailing /v1 is accepted).")
-_TEACHER_MODEL = flags.DEFINE_string(
-    "teacher_model", None, "With an OpenAI-compatible teacher: the model "
-    "name to ask.")
-_API_KEY_ENV = flags.DEFINE_string(
-    "api_key_env", None, "With an OpenAI-compatible teacher: environment "
-    "variable holding the API key (sent as a Bearer token; never printed).")
-_TOKENIZER = flags.DEFINE_string(
-    "tokenizer", None, "--teacher=native:DIR: tokenizer file or directory, "
-    "or 'bytes'; default: the one saved in DIR.")
+_TEACHER = launch_flags.define_teacher_flags("teacher")
+flags.adopt_module_key_flags(launch_flags)
 _OUTPUT = flags.DEFINE_string("output", None, "Output FILE.jsonl.")
 _SOURCES = flags.DEFINE_list(
     "sources", ["scenes"], f"Images to describe, from {list(vi.SOURCES)}: "
@@ -78,15 +65,6 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 0.7,
 _BATCH = flags.DEFINE_integer(
     "batch_size", 8, "(image, kind) jobs per round; also the native "
     "teacher's batch.")
-_TIMEOUT = flags.DEFINE_float(
-    "timeout_s", 120.0, "OpenAI-compatible teacher: seconds per request "
-    "attempt.")
-_RETRIES = flags.DEFINE_integer(
-    "max_retries", 3, "OpenAI-compatible teacher: retries of a failed "
-    "request (timeouts, connection errors, HTTP 408/429/5xx, malformed "
-    "JSON).")
-_CONCURRENCY = flags.DEFINE_integer(
-    "concurrency", 8, "OpenAI-compatible teacher: requests in flight.")
 _MAX_ROUNDS = flags.DEFINE_integer(
     "max_rounds", None, "Stop after this many rounds (rerun to continue).")
 _MAX_IDLE = flags.DEFINE_integer(
@@ -96,59 +74,21 @@ _MAX_OUTAGE = flags.DEFINE_integer(
     "max_outage_rounds", 5, "Give up after this many attempts in a row at "
     "which every teacher request failed (waiting 10s, 20s, ... between).")
 
-_OPENAI_ONLY = (_TEACHER_MODEL, _API_KEY_ENV, _TIMEOUT, _RETRIES,
-                _CONCURRENCY)
-_NATIVE_ONLY = (_TOKENIZER,)
-
-
-def _present(holder: flags.FlagHolder) -> bool:
-  return flags.FLAGS[holder.name].present
-
-
-def _check_flags() -> tuple[str, str]:
-  """(teacher kind, location) after the usage checks."""
+def _check_flags() -> None:
+  """The usage checks, the teacher's first."""
+  _TEACHER.check()
   require_flags(_OUTPUT)
-  if _TEACHER.value and _TEACHER_URL.value:
-    raise app.UsageError("give --teacher or --teacher_url, not both")
-  if _TEACHER_URL.value:
-    kind, where = "openai", _TEACHER_URL.value
-  elif _TEACHER.value:
-    kind, _, where = _TEACHER.value.partition(":")
-    if kind not in ("native", "openai") or not where:
-      raise app.UsageError(f"--teacher must be native:DIR or openai:URL, "
-                           f"got {_TEACHER.value!r}")
-  else:
-    raise app.UsageError("a teacher is required: --teacher=native:DIR or "
-                         "--teacher_url=URL --teacher_model=NAME")
-  if kind == "openai":
-    if not _TEACHER_MODEL.value:
-      raise app.UsageError("--teacher_model is required with an "
-                           "OpenAI-compatible teacher")
-    if not where.startswith(("http://", "https://")):
-      raise app.UsageError(f"--teacher_url needs an http:// or https:// "
-                           f"URL, got {where!r}")
-  for holder in {"openai": _NATIVE_ONLY, "native": _OPENAI_ONLY}[kind]:
-    if _present(holder):
-      other = "--teacher=native:DIR" if kind == "openai" else "--teacher_url"
-      raise app.UsageError(f"--{holder.name} applies to {other} only")
   if not _OUTPUT.value.endswith(".jsonl"):
     raise app.UsageError("--output must name a .jsonl file")
-  if _TIMEOUT.value <= 0:
-    raise app.UsageError("--timeout_s must be > 0")
-  if _RETRIES.value < 0:
-    raise app.UsageError("--max_retries must be >= 0")
-  if _CONCURRENCY.value < 1:
-    raise app.UsageError("--concurrency must be >= 1")
   if _MAX_ROUNDS.value is not None and _MAX_ROUNDS.value < 1:
     raise app.UsageError("--max_rounds must be >= 1")
-  return kind, where
 
 
 def main(argv: list[str]) -> None:
   quiet_library_logs()
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  kind, where = _check_flags()
+  _check_flags()
   config = vi.VisualConfig(
       sources=tuple(_SOURCES.value), kinds=tuple(_KINDS.value),
       num_scenes=_NUM_SCENES.value, first_scene=_FIRST_SCENE.value,
@@ -162,17 +102,7 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(str(e)) from None
   say = lambda message: print(message, flush=True)
   try:
-    if kind == "openai":
-      teacher = instructions.OpenAITeacher(
-          where, _TEACHER_MODEL.value, _API_KEY_ENV.value,
-          timeout_s=_TIMEOUT.value, max_retries=_RETRIES.value,
-          concurrency=_CONCURRENCY.value)
-    else:
-      if not os.path.isdir(where):
-        raise FileNotFoundError(f"--teacher: checkpoint directory {where} "
-                                f"does not exist")
-      teacher = instructions.NativeTeacher.from_checkpoint(
-          where, _TOKENIZER.value, batch_size=_BATCH.value)
+    teacher = launch_flags.teacher_from_flags(_TEACHER, _BATCH.value)
     say(f"visual instructions ({','.join(config.kinds)}) from "
         f"{','.join(config.sources)} with {teacher.describe()} -> "
         f"{_OUTPUT.value}")

@@ -505,8 +505,8 @@ def cli(*args, wait=True, env=None):
 
 def test_cli_sigkill_and_resume(server, tmp_path):
   args = ["--method=self_instruct", f"--teacher=openai:{server.url}",
-          "--model=scripted", "--num_instructions=24", "--batch_size=2",
-          "--new_per_prompt=3", "--num_prompt_instructions=4",
+          "--teacher_model=scripted", "--num_instructions=24",
+          "--batch_size=2", "--new_per_prompt=3", "--num_prompt_instructions=4",
           "--max_new_tokens=64", "--timeout_s=5"]
   ref = cli(*args, f"--output={tmp_path / 'ref.jsonl'}")
   assert ref.returncode == 0, ref.stderr
@@ -529,18 +529,18 @@ def test_cli_sigkill_and_resume(server, tmp_path):
 
 def test_cli_usage_errors(tmp_path):
   good = ["--method=self_instruct", "--teacher=openai:http://127.0.0.1:9",
-          "--model=m", f"--output={tmp_path / 'o.jsonl'}"]
+          "--teacher_model=m", f"--output={tmp_path / 'o.jsonl'}"]
   cases = {
       "--teacher": ["--method=self_instruct", "--teacher=gpt4",
                     f"--output={tmp_path / 'o.jsonl'}"],
-      "--model": ["--method=self_instruct",
-                  "--teacher=openai:http://127.0.0.1:9",
-                  f"--output={tmp_path / 'o.jsonl'}"],
+      "--teacher_model": ["--method=self_instruct",
+                          "--teacher=openai:http://127.0.0.1:9",
+                          f"--output={tmp_path / 'o.jsonl'}"],
       "--generations": good + ["--generations=3"],
       "--output": good[:3] + [f"--output={tmp_path / 'o.json'}"],
       "--rouge_threshold": good + ["--rouge_threshold=1.5"],
       "--num_instructions": good + ["--num_instructions=0"],
-      "--tokenizer": good + ["--tokenizer=bytes"],
+      "--teacher_tokenizer": good + ["--teacher_tokenizer=bytes"],
   }
   for flag, args in cases.items():
     out = cli(*args)

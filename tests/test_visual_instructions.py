@@ -328,13 +328,13 @@ def test_cli(server, tmp_path):  # noqa: F811
       [sys.executable, "-m", "launch.generate_visual_instructions", *args],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=240,
       check=False)
-  done = run(f"--teacher_url={server.url}/v1", "--teacher_model=scripted",
+  done = run(f"--teacher=openai:{server.url}/v1", "--teacher_model=scripted",
              f"--output={out}", "--num_scenes=2", "--kinds=detail,reasoning",
              "--batch_size=4", "--max_new_tokens=64")
   assert done.returncode == 0, done.stderr
   assert "done: 4 records" in done.stdout
   assert len(lines(out)) == 4 and (tmp_path / "cli.stats.json").exists()
-  no_model = run(f"--teacher_url={server.url}", "--first_scene=999",
+  no_model = run(f"--teacher=openai:{server.url}", "--first_scene=999",
                  f"--output={tmp_path / 'x.jsonl'}")
   assert no_model.returncode != 0 and "--teacher_model" in no_model.stderr
   assert "Traceback" not in no_model.stderr

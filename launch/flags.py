@@ -164,7 +164,8 @@ def teacher_from_flags(tf: TeacherFlags, batch_size: int):
 
 def vocab_mismatch(tokenizer, checkpoint: str,
                    allow_padding: bool = False) -> str | None:
-  """Why ``tokenizer`` cannot drive the checkpoint's model, or None.
+  """Why ``tokenizer`` cannot drive the checkpoint's model (text or
+  multimodal), or None.
 
   Checked before the weights load: a tokenizer larger than the model feeds
   it ids it has no embedding for (always refused); a model larger than the
@@ -172,8 +173,11 @@ def vocab_mismatch(tokenizer, checkpoint: str,
   with another tokenizer (refused unless ``allow_padding`` says the extra
   rows are padding; then only logged).
   """
+  from mllm_jax.convert import multimodal as mm_io  # pylint: disable=g-import-not-at-top
   from mllm_jax.convert import native  # pylint: disable=g-import-not-at-top
-  model_size = native.read_config(checkpoint).vocab_size
+  model_size = (mm_io.read_config(checkpoint).model.vocab_size
+                if mm_io.is_multimodal(checkpoint)
+                else native.read_config(checkpoint).vocab_size)
   if tokenizer.vocab_size == model_size:
     return None
   sizes = (f"the tokenizer {tokenizer.path} has {tokenizer.vocab_size} ids "

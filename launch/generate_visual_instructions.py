@@ -54,6 +54,11 @@ _TRAIN_SCENES = flags.DEFINE_integer(
 _MAX_CAPTIONED = flags.DEFINE_integer(
     "max_captioned", 0, "Captioned images (tuxpaint/gcompris/skimage) to "
     "describe in all; 0: every one on the training side.")
+_HELD_OUT = flags.DEFINE_bool(
+    "held_out", False, "Questions for evaluation (launch.judge_images) "
+    "instead: stage 2's test scenes (from --train_scenes on, --first_scene "
+    "counting from there) and the captioned images held out; never train "
+    "on them.")
 _SHOTS = flags.DEFINE_integer("shots", 2, "Few-shot demonstrations per "
                               "teacher prompt (0-2).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of every random choice and of "
@@ -93,6 +98,7 @@ def main(argv: list[str]) -> None:
       sources=tuple(_SOURCES.value), kinds=tuple(_KINDS.value),
       num_scenes=_NUM_SCENES.value, first_scene=_FIRST_SCENE.value,
       train_scenes=_TRAIN_SCENES.value, max_captioned=_MAX_CAPTIONED.value,
+      held_out=_HELD_OUT.value,
       shots=_SHOTS.value, seed=_SEED.value, max_new_tokens=_MAX_NEW.value,
       temperature=_TEMPERATURE.value, batch_size=_BATCH.value,
       max_idle_rounds=_MAX_IDLE.value, max_outage_rounds=_MAX_OUTAGE.value)

@@ -39,7 +39,13 @@ Output: FILE.jsonl of the project's conversation records
 `<image>` placeholder, `images` naming one PNG/WebP/JPEG file under
 FILE.images/ (relative to the JSONL's folder, so
 `image_readers.read_folder` and stage 2's `data.instruction_files` read it
-as it is), and `meta` (kind, source, source_id, round) that readers ignore.
+as it is), and `meta` (kind, source, source_id, round, the context the
+teacher read, and held_out when set) that readers ignore; the judge
+(`eval.image_judge`) reads the context and the kind from it.
+
+Held-out questions (`held_out=True`, for evaluation only): the same
+kinds about stage 2's test scenes (indices from `train_scenes` on) and
+the captioned images `caption_split` holds out, never trained on.
 Image files are written before the records that name them; records are
 appended and fsync'd per round, then the stats file is replaced
 atomically, so a killed run resumes where it stopped and, with a
@@ -415,10 +421,12 @@ def scene_sources(first: int, count: int,
 
 def captioned_sources(names: Sequence[str], limit: int = 0,
                       sets: image_sets.ImageSetsConfig | None = None,
-                      stats: ChatStats | None = None) -> list[VisualSource]:
+                      stats: ChatStats | None = None,
+                      held_out: bool = False) -> list[VisualSource]:
   """The captioned images of `names` (tuxpaint, gcompris, skimage) that
-  `image_sets.caption_split` puts on the training side, in source order,
-  at most `limit` in all (0: every one)."""
+  `image_sets.caption_split` puts on the training side (held_out: on the
+  held-out side), in source order, at most `limit` in all (0: every
+  one)."""
   sets = sets or image_sets.ImageSetsConfig()
   read = {"tuxpaint": image_sources.tuxpaint_stamps,
           "gcompris": image_sources.gcompris_photos,
@@ -427,7 +435,7 @@ def captioned_sources(names: Sequence[str], limit: int = 0,
   for name in names:
     for item in read[name](stats=stats):
       if image_sets._held_out(item.caption, sets.held_out_fraction,  # pylint: disable=protected-access
-                              sets.seed):
+                              sets.seed) != held_out:
         continue
       context = item.caption + (f"\n{item.description}"
                                 if item.description else "")
@@ -491,6 +499,8 @@ class VisualConfig:
     num_scenes), which must stay below train_scenes, stage 2's split),
     then the captioned sources in order (at most max_captioned images;
     0: all of their training side).
+  held_out: questions for evaluation instead: scenes from train_scenes on
+    (first_scene counts from there) and the captioned images held out.
   kinds: what to ask for each image (KINDS).
   shots: few-shot demonstrations per prompt (0 to 2).
   batch_size: jobs (image, kind) per round; also the native teacher's
@@ -502,6 +512,7 @@ class VisualConfig:
   first_scene: int = 0
   train_scenes: int = 1000
   max_captioned: int = 0
+  held_out: bool = False
   shots: int = 2
   seed: int = 0
   max_new_tokens: int = 512
@@ -527,7 +538,8 @@ class VisualConfig:
     if "scenes" in self.sources:
       check(self.num_scenes >= 1, "--num_scenes", "must be >= 1 with "
             "--sources=scenes")
-      check(self.first_scene + self.num_scenes <= self.train_scenes,
+      check(self.held_out or
+            self.first_scene + self.num_scenes <= self.train_scenes,
             "--num_scenes",
             f"scenes [{self.first_scene}, "
             f"{self.first_scene + self.num_scenes}) reach past stage 2's "
@@ -547,10 +559,13 @@ def read_sources(config: VisualConfig, stats: ChatStats | None = None
                  ) -> list[VisualSource]:
   out = []
   if "scenes" in config.sources:
-    out += scene_sources(config.first_scene, config.num_scenes)
+    first = config.first_scene + (config.train_scenes if config.held_out
+                                  else 0)
+    out += scene_sources(first, config.num_scenes)
   captioned = [s for s in config.sources if s != "scenes"]
   if captioned:
-    out += captioned_sources(captioned, config.max_captioned, stats=stats)
+    out += captioned_sources(captioned, config.max_captioned, stats=stats,
+                             held_out=config.held_out)
   return out
 
 
@@ -577,7 +592,8 @@ def to_record(source: VisualSource, kind: str, pairs: Sequence[tuple],
   conv = Conversation(f"{kind}/{source.id}", tuple(turns), None,
                       (image_name,))
   return {**conv.to_json(), "meta": {"kind": kind, "source": source.source,
-                                     "source_id": source.id, **meta}}
+                                     "source_id": source.id,
+                                     "context": source.context, **meta}}
 
 
 def generate_visual(teacher: Teacher, output: str,
@@ -621,7 +637,8 @@ def generate_visual(teacher: Teacher, output: str,
   ckpt = Checkpoint(
       output, stats_path, key, teacher, progress,
       header={"method": "visual_instructions", "kinds": list(config.kinds),
-              "sources": list(config.sources), "images": len(sources),
+              "sources": list(config.sources),
+              "held_out": config.held_out, "images": len(sources),
               "jobs": len(jobs), "images_dir": rel_dir},
       flag_names={"jobs": "--sources/--kinds/--num_scenes/--first_scene/"
                           "--max_captioned (the images and kinds)"})
@@ -653,7 +670,9 @@ def generate_visual(teacher: Teacher, output: str,
         continue
       name = f"{rel_dir}/{image_file_name(source)}"
       try:
-        row = to_record(source, kind, pairs, name, config.seed, {"round": r})
+        split = {"held_out": True} if config.held_out else {}
+        row = to_record(source, kind, pairs, name, config.seed,
+                        {"round": r, **split})
       except ConversationError as e:
         stats.add(readers.Drop(f"{kind}_invalid_conversation",
                                f"{where}: {e}"))

@@ -68,6 +68,10 @@ def get_config(name: str = "align_tiny") -> ml_collections.ConfigDict:
       caption_sources=p.caption_sources,  # stage 1 (image_sets)
       caption_kind=p.caption_kind,  # "plain" or "instruct"
       vqa_sources=p.vqa_sources,  # stage 2 (image_sets)
+      # Stage 2: keep only these question types, train and test (empty:
+      # all). easy-vqa's yes/no questions are 82% answerable from the
+      # question alone; ("color", "shape") keeps the ones the image decides.
+      question_types=(),
       max_examples=2000,  # training examples read (0: all)
       eval_examples=64,  # held-out examples
       max_images=1,  # image places per row

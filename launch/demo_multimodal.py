@@ -122,16 +122,19 @@ def instruct_report(run_dir: str) -> list[str]:
       f"- {s['held_out_examples']} held-out test questions: {_losses(s)}",
       "- VQA accuracy (normalised exact match of the greedy answer), per "
       "question type; *majority*: always the type's most common training "
-      "answer; *zeroed*: the same questions with the image zeroed", "",
-      "| type | questions | chance | majority | before | after | "
-      "after, image zeroed |", "| --- | ---: | ---: | ---: | ---: | ---: | "
-      "---: |"]
+      "answer; *question only*: the most common training answer to the same "
+      "question text (what a model blind to the image can reach); *zeroed*: "
+      "the same questions with the image zeroed", "",
+      "| type | questions | chance | majority | question only | before | "
+      "after | after, image zeroed |", "| --- | ---: | ---: | ---: | ---: | "
+      "---: | ---: | ---: |"]
   for kind, row in a["vqa"].items():
     chance = base.get(kind, {}).get("chance")
     lines.append(
         f"| {kind} | {row['count']:.0f} | "
         f"{'' if chance is None else f'{chance:.1%}'} | "
         f"{base.get(kind, {}).get('majority', float('nan')):.1%} | "
+        f"{base.get(kind, {}).get('question_only', float('nan')):.1%} | "
         f"{b['vqa'].get(kind, {}).get('accuracy', float('nan')):.1%} | "
         f"**{row['accuracy']:.1%}** | "
         f"{a['vqa_zero_images'][kind]['accuracy']:.1%} |")

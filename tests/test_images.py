@@ -654,18 +654,22 @@ def test_image_sets_splits_share_nothing():
 
 def test_answer_baselines():
   item = image_sources.VQAItem
-  train = [item("a", "", "?", "red", "color"), item("b", "", "?", "red",
-                                                       "color"),
-           item("c", "", "?", "blue", "color"), item("d", "", "?", "yes",
-                                                        "yes_no")]
-  test = [item("e", "", "?", "red", "color"), item("f", "", "?", "blue",
-                                                      "color"),
-          item("g", "", "?", "no", "yes_no"), item("h", "", "?", "yes",
-                                                      "yes_no")]
+  train = [item("a", "", "Colour?", "red", "color"),
+           item("b", "", "Colour?", "red", "color"),
+           item("c", "", "Which colour?", "blue", "color"),
+           item("d", "", "Is it red?", "yes", "yes_no"),
+           item("i", "", "Is it blue?", "no", "yes_no")]
+  test = [item("e", "", "colour?", "red", "color"),
+          item("f", "", "Which colour?", "blue", "color"),
+          item("g", "", "Is it blue?", "no", "yes_no"),
+          item("h", "", "Is it green?", "yes", "yes_no")]
   base = image_sets.answer_baselines(train, test)
-  assert base == {"all": {"count": 4.0, "majority": 0.5},
-                  "color": {"count": 2.0, "majority": 0.5},
-                  "yes_no": {"count": 2.0, "majority": 0.5}}
+  # yes_no's majority is a tie broken by first seen ("yes"); a question
+  # never seen ("Is it green?") falls back on it.
+  assert base == {
+      "all": {"count": 4.0, "majority": 0.5, "question_only": 1.0},
+      "color": {"count": 2.0, "majority": 0.5, "question_only": 1.0},
+      "yes_no": {"count": 2.0, "majority": 0.5, "question_only": 1.0}}
 
 
 def test_tfds_image_features(tmp_path):

@@ -141,6 +141,7 @@ def test_stage1_resumes_bitwise_and_stage2_starts_from_it(tmp_path,
   finish(run("mm_instruct", instruct, *INSTRUCT,
              f"--config.init_checkpoint={straight / 'model'}",
              "--config.data.text_mix=random",
+             "--config.data.question_types=('color','shape')",
              f"--config.data.text_files={texts}"), timeout=600)
   assert sorted(train_losses(instruct)) == [1, 2]
   summary = json.load(open(instruct / "summary.json"))
@@ -150,6 +151,8 @@ def test_stage1_resumes_bitwise_and_stage2_starts_from_it(tmp_path,
                moved=("projector", "decoder"))
   # VQA accuracy per question type beside its baselines, and the ablation.
   baselines = summary["data"]["answer_baselines"]
+  assert set(baselines) <= {"all", "color", "shape"}
+  assert all(0 <= row["question_only"] <= 1 for row in baselines.values())
   for when in ("before", "after"):
     for key in ("vqa", "vqa_zero_images"):
       got = summary[when][key]

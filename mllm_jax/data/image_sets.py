@@ -147,25 +147,38 @@ def answer_baselines(train: Sequence[Any], test: Sequence[Any]
                      ) -> dict[str, dict[str, float]]:
   """Per question type of `test` (and "all"): how many questions, the
   accuracy of always giving the type's most common training answer
-  ("majority"), and of a uniform guess where the items say ("chance",
-  scene questions). Exact match: both sides come from one generator."""
-  majority = {}
+  ("majority"), of the most common training answer to the same question
+  text ("question_only": the best a model that never looks at the image can
+  learn from these questions; the type's majority for a question never
+  seen), and of a uniform guess where the items say ("chance", scene
+  questions). Exact match: both sides come from one generator."""
   by_type = collections.defaultdict(collections.Counter)
+  by_question = collections.defaultdict(collections.Counter)
   for item in train:
     by_type[item.question_type][item.answer] += 1
-  for kind, counts in by_type.items():
-    majority[kind] = counts.most_common(1)[0][0]
+    by_question[item.question.lower()][item.answer] += 1
+  majority = {kind: counts.most_common(1)[0][0]
+              for kind, counts in by_type.items()}
+  prior = {question: counts.most_common(1)[0][0]
+           for question, counts in by_question.items()}
   out = {}
   groups = collections.defaultdict(list)
   for item in test:
     groups[item.question_type].append(item)
     groups["all"].append(item)
   for kind, items in sorted(groups.items()):
-    right = sum(item.answer == majority.get(item.question_type)
-                for item in items)
-    row = {"count": float(len(items)), "majority": right / len(items)}
+    guess = [majority.get(item.question_type) for item in items]
+    text_guess = [prior.get(item.question.lower(), g)
+                  for item, g in zip(items, guess)]
+    row = {"count": float(len(items)),
+           "majority": _share(items, guess),
+           "question_only": _share(items, text_guess)}
     chances = [getattr(item, "chance", None) for item in items]
     if all(c is not None for c in chances):
       row["chance"] = sum(chances) / len(chances)
     out[kind] = row
   return out
+
+
+def _share(items: Sequence[Any], answers: Sequence[str | None]) -> float:
+  return sum(item.answer == a for item, a in zip(items, answers)) / len(items)

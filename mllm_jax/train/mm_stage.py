@@ -127,6 +127,13 @@ def read_examples(config, cfg: MultimodalConfig, tokenizer, fmt
     train_raw, held_raw = image_sets.caption_split(sets, stats)
   else:
     train_items, test_items = image_sets.vqa_items(sets, stats)
+    if data.question_types:
+      keep = lambda items: [i for i in items
+                            if i.question_type in data.question_types]
+      train_items, test_items = keep(train_items), keep(test_items)
+      check(bool(train_items and test_items), "data.question_types",
+            f"{tuple(data.question_types)} keeps no question of "
+            f"{tuple(data.vqa_sources)}")
     order = np.random.default_rng(data.seed)
     pick = lambda items, n: [items[i] for i in sorted(order.permutation(
         len(items))[:n or len(items)])]

@@ -57,6 +57,11 @@ def get_config(name: str = "align_tiny") -> ml_collections.ConfigDict:
                            batch_size=p.batch_size, seq_len=p.seq_len,
                            learning_rate=p.learning_rate)
   config.stage = p.stage
+  # Path patterns of what trains (empty: the stage's, multimodal_task.
+  # STAGE_TRAINABLE: stage 1 the projector, stage 2 projector and LLM).
+  # LLaVA freezes a pretrained CLIP; a random tiny tower may need to train:
+  # "('^projector\\.', '^decoder\\.', '^vision\\.')".
+  config.trainable = ()
   config.optimizer.backend = "optax"
   config.vision = vision_config("tiny")
   config.projector = projector_config("mlp2x_gelu", dtype="float32")

@@ -344,7 +344,8 @@ def run_stage(config, workdir: str, stage: str) -> dict[str, Any]:
                                          - len(held_out)), **args)
       for i in range(0, len(held_out), train_cfg.batch_size)]
   task = dataclasses.replace(
-      multimodal_task(cfg, trainable=STAGE_TRAINABLE[stage],
+      multimodal_task(cfg, trainable=tuple(config.trainable)
+                      or STAGE_TRAINABLE[stage],
                       peft=peft_cfg, seed=config.seed, name=f"mm_{stage}"),
       load_weights=start_weights(config, cfg),
       weights_source=config.init_checkpoint)

@@ -954,22 +954,31 @@ def encode(conversation: Conversation, tokenizer: Tokenizer,
 def _leading_rounds(conversation: Conversation, tokenizer: Tokenizer,
                     fmt: ChatFormat, max_len: int, stats: ChatStats | None,
                     where: str) -> dict[str, np.ndarray] | None:
-  """The longest prefix of whole rounds of `conversation` within max_len."""
+  """The longest prefix of whole rounds of `conversation` within max_len.
+
+  Tried shortest first: a prefix's tokens begin with a shorter prefix's
+  (the parts are tokenised separately), so the first prefix that does not
+  fit ends the search, and a long conversation whose first round is
+  already too long costs one short encoding, not one per round."""
   rounds = [i + 1 for i, t in enumerate(conversation.turns)
             if t.role == ASSISTANT]
-  for end in reversed(rounds[:-1]):
+  best = None
+  for end in rounds[:-1]:
     shorter = dataclasses.replace(conversation,
                                   turns=conversation.turns[:end])
     ids, weights = tokenize_parts(fmt.parts(shorter), tokenizer, fmt,
                                   conversation.id)
-    if len(ids) <= max_len:
-      if stats is not None:
-        stats.note("cut_to_leading_rounds")
-        stats.note("encoded")
-      return {"ids": ids, "weights": weights}
+    if len(ids) > max_len:
+      break
+    best = {"ids": ids, "weights": weights}
+  if best is None:
+    if stats is not None:
+      stats.add(readers.Drop("first_round_too_long", where))
+    return None
   if stats is not None:
-    stats.add(readers.Drop("first_round_too_long", where))
-  return None
+    stats.note("cut_to_leading_rounds")
+    stats.note("encoded")
+  return best
 
 
 def encode_prompt(conversation: Conversation, tokenizer: Tokenizer,

@@ -956,10 +956,10 @@ def _leading_rounds(conversation: Conversation, tokenizer: Tokenizer,
                     where: str) -> dict[str, np.ndarray] | None:
   """The longest prefix of whole rounds of `conversation` within max_len.
 
-  Tried shortest first: a prefix's tokens begin with a shorter prefix's
-  (the parts are tokenised separately), so the first prefix that does not
-  fit ends the search, and a long conversation whose first round is
-  already too long costs one short encoding, not one per round."""
+  Tried shortest first: a longer prefix of rounds never has fewer tokens,
+  so the first prefix that does not fit ends the search, and a long
+  conversation whose first round is already too long costs one short
+  encoding, not one per round."""
   rounds = [i + 1 for i, t in enumerate(conversation.turns)
             if t.role == ASSISTANT]
   best = None

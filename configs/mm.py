@@ -2,10 +2,10 @@
 
   align_tiny     stage 1 (launch.mm_align): a text checkpoint (with a
                  tokenizer that has `<image>`) + the tiny ViT + a fresh
-                 mlp2x_gelu projector; only the projector trains, on real
-                 captioned images (Tux Paint stamps) in LLaVA's "plain"
-                 stage-1 form (image, caption, newline), 32 px, 64-token
-                 rows.
+                 mlp2x_gelu projector; the projector and the (random) tower
+                 train, on real captioned images (Tux Paint stamps) in
+                 LLaVA's "plain" stage-1 form (image, caption, newline),
+                 32 px, 64-token rows.
   instruct_tiny  stage 2 (launch.mm_instruct): from stage 1's WORKDIR/model,
                  projector + LLM train on easy-vqa questions through the VQA
                  templates, LLaVA's conversation format (`llava_v1`),
@@ -39,10 +39,15 @@ class _Preset:
   batch_size: int = 8
   seq_len: int = 64
   learning_rate: float = 1e-3
+  trainable: tuple = ()
 
 
 PRESETS = {
-    "align_tiny": _Preset("align", "llava_plain"),
+    # The tiny tower has random weights, so stage 1 trains it with the
+    # projector (captioning as the tower's pretraining); LLaVA's stage 1
+    # freezes a pretrained CLIP (trainable=() gives STAGE_TRAINABLE).
+    "align_tiny": _Preset("align", "llava_plain",
+                          trainable=(r"^projector\.", r"^vision\.")),
     "instruct_tiny": _Preset("instruct", "llava_v1", seq_len=256,
                              learning_rate=3e-4),
 }
@@ -59,9 +64,7 @@ def get_config(name: str = "align_tiny") -> ml_collections.ConfigDict:
   config.stage = p.stage
   # Path patterns of what trains (empty: the stage's, multimodal_task.
   # STAGE_TRAINABLE: stage 1 the projector, stage 2 projector and LLM).
-  # LLaVA freezes a pretrained CLIP; a random tiny tower may need to train:
-  # "('^projector\\.', '^decoder\\.', '^vision\\.')".
-  config.trainable = ()
+  config.trainable = p.trainable
   config.optimizer.backend = "optax"
   config.vision = vision_config("tiny")
   config.projector = projector_config("mlp2x_gelu", dtype="float32")

@@ -1,5 +1,6 @@
 """The demo's multimodal stages (launch.demo calls them after SFT): stage 1
-aligns a fresh projector on real captioned images (Tux Paint stamps), stage
+aligns a fresh projector on real captioned images (easy-vqa's shapes
+described from their labels, and Tux Paint stamps), stage
 2 tunes projector and LLM on real visual questions (easy-vqa's shapes and
 colours, and questions about composited scenes of several stamps), each
 with its report section: held-out losses with and without the image, the
@@ -7,8 +8,10 @@ captions or answers it generates, and VQA accuracy per question type beside
 the majority-answer and chance baselines.
 
 The vision tower is a tiny randomly initialised ViT (no CLIP weights
-install offline), frozen in both stages as LLaVA freezes CLIP: what the
-model learns to read is the projection of random patch features.
+install offline). Where LLaVA freezes a pretrained CLIP, the tiny preset
+trains the tower in stage 1 with the projector (captioning as its
+pretraining; a frozen random tower gave the LLM nothing it used,
+docs/multimodal.md), and freezes it in stage 2.
 
 Like demo_alignment, the stages take launch.demo's `run(stage, args)`:
 
@@ -23,10 +26,13 @@ import os
 from typing import Callable
 
 from launch.demo_alignment import curves
+from mllm_jax.train.multimodal_task import STAGE_TRAINABLE
 
 Runner = Callable[..., str]  # launch.demo.run(stage, args, capture=False)
 
-ALIGN_STEPS = 200
+ALIGN_STEPS = 800
+ALIGN_LR = 3e-3
+CAPTION_SOURCES = ("easy_vqa", "tuxpaint")  # held out: easy-vqa's first
 INSTRUCT_STEPS = 300
 INSTRUCT_LR = 1e-3  # 3e-4 (the preset) answered "no" to everything after 150 steps
 EVAL_EVERY = 50
@@ -46,7 +52,10 @@ def align_stage(workdir: str, run: Runner, text_model: str) -> list[str]:
   if not os.path.exists(os.path.join(out, "summary.json")):
     run("mm_align", ["--config=configs/mm.py:align_tiny", f"--workdir={out}",
                      f"--config.init_checkpoint={text_model}",
+                     f"--config.data.caption_sources={CAPTION_SOURCES!r}",
+                     "--config.data.max_examples=0",  # all of both
                      f"--config.train.steps={ALIGN_STEPS}",
+                     f"--config.optimizer.learning_rate={ALIGN_LR}",
                      f"--config.train.eval_every={EVAL_EVERY}",
                      "--config.data.eval_examples=100",
                      "--config.eval.max_new_tokens=24"])
@@ -58,6 +67,17 @@ def _losses(s: dict) -> str:
   return (f"held-out loss **{b['loss']:.3f} -> {a['loss']:.3f}** nats/token; "
           f"with every image zeroed {b['loss_zero_images']:.3f} -> "
           f"{a['loss_zero_images']:.3f} (the gap is what the image is worth)")
+
+
+def _trained(s: dict) -> str:
+  parts = {r"^projector\.": "projector", r"^vision\.": "tower",
+           r"^decoder\.": "LLM"}
+  trainable = s.get("trainable", STAGE_TRAINABLE[s["stage"]])
+  moved = [name for pattern, name in parts.items() if pattern in trainable]
+  frozen = [name for name in parts.values() if name not in moved]
+  verb = "stays" if len(frozen) == 1 else "stay"
+  return (f"the {' and '.join(moved)} train, the {' and '.join(frozen)} "
+          f"{verb} bit-identical (tests/test_mm_stages.py)")
 
 
 def _examples(s: dict, n: int = 4) -> list[str]:
@@ -76,11 +96,10 @@ def align_report(run_dir: str) -> list[str]:
   path = curves(run_dir, "loss", [("stage 1: caption loss", "nats/token", (
       ("loss", "training"), ("eval_loss", "held-out")))])
   return [
-      "## Multimodal stage 1: the projector learns to describe images", "",
-      f"- {s['train_examples']:,} real captioned images (Tux Paint stamps), "
-      f"{s['tokens_per_image']} image tokens each from a frozen tiny ViT "
-      f"(random weights); only the projector trains, the LLM (the SFT "
-      f"model) and the tower stay bit-identical (tests/test_mm_stages.py)",
+      "## Multimodal stage 1: describing images", "",
+      f"- {s['train_examples']:,} real captioned images ("
+      f"{', '.join(CAPTION_SOURCES)}), {s['tokens_per_image']} image tokens "
+      f"each from a tiny ViT (random at the start); {_trained(s)}",
       f"- {s['held_out_examples']} held-out images: {_losses(s)}",
       f"- greedy captions of {a['images']} held-out images against their "
       f"captions: CIDEr-D {b['CIDEr-D']:.3f} -> **{a['CIDEr-D']:.3f}**, "
@@ -117,8 +136,7 @@ def instruct_report(run_dir: str) -> list[str]:
       "## Multimodal stage 2: visual questions, loss on the answers", "",
       f"- {s['train_examples']:,} training questions ({', '.join(VQA_SOURCES)}: "
       f"easy-vqa's shapes and colours, questions about composited scenes) "
-      f"through the VQA templates in the `{s['format']}` format; projector "
-      f"and LLM train, the tower stays frozen",
+      f"through the VQA templates in the `{s['format']}` format; {_trained(s)}",
       f"- {s['held_out_examples']} held-out test questions: {_losses(s)}",
       "- VQA accuracy (normalised exact match of the greedy answer), per "
       "question type; *majority*: always the type's most common training "

@@ -1,5 +1,6 @@
-r"""Multimodal stage 1: align the projector on image-caption pairs (the
-vision tower and the LLM frozen).
+r"""Multimodal stage 1: align the projector on image-caption pairs (the LLM
+frozen; the tower frozen too unless `config.trainable` says otherwise, as
+the tiny preset does for its random tower).
 
   python -m launch.mm_align --config=configs/mm.py:align_tiny --workdir=DIR \
       --config.init_checkpoint=TEXT_CHECKPOINT

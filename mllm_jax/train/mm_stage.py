@@ -343,9 +343,9 @@ def run_stage(config, workdir: str, stage: str) -> dict[str, Any]:
                           + [None] * max(0, i + train_cfg.batch_size
                                          - len(held_out)), **args)
       for i in range(0, len(held_out), train_cfg.batch_size)]
+  trainable = tuple(config.trainable) or STAGE_TRAINABLE[stage]
   task = dataclasses.replace(
-      multimodal_task(cfg, trainable=tuple(config.trainable)
-                      or STAGE_TRAINABLE[stage],
+      multimodal_task(cfg, trainable=trainable,
                       peft=peft_cfg, seed=config.seed, name=f"mm_{stage}"),
       load_weights=start_weights(config, cfg),
       weights_source=config.init_checkpoint)
@@ -387,7 +387,7 @@ def run_stage(config, workdir: str, stage: str) -> dict[str, Any]:
   after = measure(mm_io.load_model(model_dir, mesh, rules, **run)[1])
   summary = {"stage": stage, "base": config.init_checkpoint,
              "format": fmt.name, "tokens_per_image": cfg.tokens_per_image,
-             "peft": peft_cfg.method,
+             "peft": peft_cfg.method, "trainable": list(trainable),
              "train_examples": len(train_examples),
              "text_mix": config.data.text_mix,
              "held_out_examples": len(held_out), "data": data_summary,

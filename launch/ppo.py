@@ -45,7 +45,7 @@ from mllm_jax.eval.chat_eval import end_of_turn
 from mllm_jax.generate.sampler import Sampler
 from mllm_jax.generate.sampling import SamplingParams
 from mllm_jax.parallel.mesh import make_mesh
-from mllm_jax.parallel.sharding import use_mesh
+from mllm_jax.parallel.sharding import on_mesh_of, use_mesh
 from mllm_jax.rl import ppo
 from mllm_jax.rl import reward as reward_lib
 from mllm_jax.rl.config import PPOConfig
@@ -290,12 +290,10 @@ def main(argv):
                      seed=config.seed * 1_000_003 + it,
                      temperature=cfg.temperature)
     t1 = time.perf_counter()
-    with use_mesh(mesh, program.rules):
+    with on_mesh_of(state["params"], program.rules) as put:
       batch, stats = process(state["params"], frozen,
-                             {k: jnp.asarray(v) for k, v in
-                              rolled.rows.items()},
-                             jnp.asarray(rolled.scores),
-                             jnp.float32(kl_control.beta))
+                             {k: put(v) for k, v in rolled.rows.items()},
+                             put(rolled.scores), jnp.float32(kl_control.beta))
     batch, stats = jax.device_get((batch, stats))
     mean_kl = float(np.mean(stats["kl"]))
     # The sampler's log-probabilities against the training forward pass's.

@@ -13,8 +13,9 @@ from mllm_jax.configlib import ConfigError, from_config
 from mllm_jax.modeling import Decoder
 from mllm_jax.parallel.config import DEFAULT_RULES, ParallelConfig
 from mllm_jax.parallel.mesh import check_divisible, make_mesh
-from mllm_jax.parallel.sharding import (create_sharded,
-                                        param_shardings, use_mesh)
+from mllm_jax.parallel.sharding import (create_sharded, current_mesh,
+                                        on_mesh_of, param_shardings,
+                                        use_mesh)
 from mllm_jax.train.losses import token_cross_entropy
 from tests.helpers import rel_err, tiny_config
 
@@ -115,6 +116,31 @@ def test_parameters_are_born_on_their_shards(single_device):
   # Same random values as the unsharded initialisation.
   for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(want_state)):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_on_mesh_of_splits_rows_over_the_models_data_axes(
+    single_device_cpu_fused):
+  """Evaluation outside the trainer (held-out loss, reward scores, DPO
+  log-probs) runs under on_mesh_of: the model's mesh is active (so the
+  cpu_fused kernel runs per device) and rows split over its data axes,
+  with the one-device result."""
+  _, _, (_, want_logits, _) = single_device_cpu_fused
+  parallel = ParallelConfig(data=4, fsdp=2)
+  mesh = make_mesh(parallel)
+  model = create_sharded(lambda: Decoder(CFG_CPU_FUSED, rngs=nnx.Rngs(0)),
+                         mesh, parallel.rules)
+  with on_mesh_of(model) as put:
+    assert current_mesh() is mesh
+    rows = put(TOKENS)
+    assert rows.sharding.spec == P(("data", "fsdp"))
+    assert {s.data.shape for s in rows.addressable_shards} == {(1, 16)}
+    np.testing.assert_allclose(np.asarray(nnx.jit(lambda m, t: m(t))(
+        model, rows)), np.asarray(want_logits), atol=1e-5)
+    # Rows the batch axes do not divide stay whole.
+    assert put(TOKENS[:3]).sharding.spec == P()
+  with on_mesh_of(Decoder(CFG, rngs=nnx.Rngs(0))) as put:  # one device
+    assert current_mesh() is None
+    assert not isinstance(put(TOKENS).sharding, NamedSharding)
 
 
 def test_mesh_errors_name_the_field():

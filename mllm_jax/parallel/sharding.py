@@ -17,11 +17,12 @@ import math
 from typing import Any, Callable, Iterator, Sequence
 
 import jax
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mllm_jax.configlib import ConfigError
-from mllm_jax.parallel.config import Rules
+from mllm_jax.parallel.config import DEFAULT_RULES, Rules
 
 
 def _mesh_axes(name: str | None, rules: Rules) -> tuple[str, ...]:
@@ -131,6 +132,43 @@ def current_spec(names: Sequence[str | None]) -> PartitionSpec | None:
   """The PartitionSpec `names` would get under the active mesh, if any."""
   ctx = _CONTEXT.get()
   return None if ctx is None else logical_to_spec(names, ctx.rules, ctx.mesh)
+
+
+def mesh_of(model: Any) -> Mesh | None:
+  """The mesh of more than one device that `model`'s parameters (a module
+  or its state) are sharded on, if any."""
+  state = nnx.state(model) if isinstance(model, nnx.Module) else model
+  leaf = next((x for x in jax.tree.leaves(state)
+               if isinstance(x, jax.Array)), None)
+  sharding = getattr(leaf, "sharding", None)
+  if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
+    return sharding.mesh
+  return None
+
+
+@contextlib.contextmanager
+def on_mesh_of(model: Any, rules: Rules = DEFAULT_RULES
+               ) -> Iterator[Callable[[Any], jax.Array]]:
+  """For calls on a sharded model outside the trainer (held-out losses,
+  reward scores, reference log-probabilities): runs the body under the
+  model's mesh, as the trainer's steps run, and yields `put`, which places
+  host rows [B, ...] (the same whole array on every process) split over
+  the mesh's batch axes (`act_batch`; whole when B does not divide).
+  Without both, every device computes every row, and a kernel that runs
+  per device under shard_map (cpu_fused attention) runs unsplit on each.
+  A model on one device gets `jnp.asarray` and no mesh."""
+  mesh = mesh_of(model)
+  if mesh is None:
+    yield jax.numpy.asarray
+    return
+  spec = logical_to_spec(("act_batch",), rules, mesh)
+
+  def put(rows):
+    whole = np.shape(rows)[0] % shard_size(spec, 0, mesh)
+    return jax.device_put(rows, NamedSharding(
+        mesh, PartitionSpec() if whole else spec))
+  with use_mesh(mesh, rules):
+    yield put
 
 
 def create_sharded(factory: Callable[[], nnx.Module], mesh: Mesh,

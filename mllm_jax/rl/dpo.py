@@ -45,6 +45,7 @@ from mllm_jax.configlib import ConfigError
 from mllm_jax.modeling import Decoder
 from mllm_jax.modeling.config import ModelConfig
 from mllm_jax.modeling.peft_config import PeftConfig
+from mllm_jax.parallel.sharding import on_mesh_of
 from mllm_jax.rl.config import DPOConfig, LOSSES, REFERENCES
 from mllm_jax.rl.reward import GroupedBatches, group_batch, ranked_pairs
 from mllm_jax.train.losses import token_cross_entropy
@@ -255,8 +256,9 @@ def comparison_logps(model, batches, counts: list[int]) -> list[np.ndarray]:
   order (`counts`: responses per comparison)."""
   out: list[np.ndarray] = []
   for batch in batches:
-    logps = np.asarray(_LOGPS(model, {k: jnp.asarray(v) for k, v in
-                                      batch.items() if k in DPO_BATCH}))
+    with on_mesh_of(model) as put:
+      logps = np.asarray(_LOGPS(model, {k: put(v) for k, v in batch.items()
+                                        if k in DPO_BATCH}))
     for row in logps:
       if len(out) < len(counts):
         out.append(row[:counts[len(out)]].astype(np.float64))

@@ -37,6 +37,7 @@ from mllm_jax.configlib import ConfigError, check
 from mllm_jax.modeling.config import ModelConfig
 from mllm_jax.modeling.layers import param
 from mllm_jax.modeling.peft_config import PeftConfig
+from mllm_jax.parallel.sharding import on_mesh_of
 from mllm_jax.train.optimizer import path_name
 
 HEAD_FILE = "reward_head.npz"
@@ -259,9 +260,10 @@ def score_rows(model: RewardModel, tokens: np.ndarray,
   segment_ids = np.asarray(segment_ids, np.int32)
   if positions is None:
     positions = np.maximum(np.cumsum(segment_ids > 0, axis=1) - 1, 0)
-  return np.asarray(_score(model, jnp.asarray(tokens),
-                           jnp.asarray(positions, jnp.int32),
-                           jnp.asarray(segment_ids)))
+  with on_mesh_of(model) as put:
+    return np.asarray(_score(model, put(tokens),
+                             put(np.asarray(positions, np.int32)),
+                             put(segment_ids)))
 
 
 def batch_metrics(model: RewardModel, batches) -> dict[str, Any]:

@@ -91,16 +91,19 @@ def heldout_loss(model, batches, loss_fn=None) -> float:
   """Weighted next-token loss of `model` over packed batches (for SFT the
   response loss: only assistant tokens carry weight), the same loss the
   trainer optimises and reports as eval_loss. loss_fn: the task's loss
-  (default the LM loss; the multimodal stages pass theirs)."""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from mllm_jax.train.task import lm_loss  # pylint: disable=g-import-not-at-top
+  (default the LM loss; the multimodal stages pass theirs). The rows are
+  split over the model's mesh like the trainer's eval batches."""
+  # pylint: disable=g-import-not-at-top
+  from mllm_jax.parallel.sharding import on_mesh_of
+  from mllm_jax.train.task import lm_loss
+  # pylint: enable=g-import-not-at-top
   loss = jax.jit(loss_fn or lm_loss())
   total, weight = 0.0, 0.0
-  for batch in batches:
-    loss_sum, sums = loss(model, {k: jnp.asarray(v) for k, v in
-                                  batch.items()})
-    total += float(sums["loss"])
-    weight += float(sums["weight"])
+  with on_mesh_of(model) as put:
+    for batch in batches:
+      _, sums = loss(model, {k: put(v) for k, v in batch.items()})
+      total += float(sums["loss"])
+      weight += float(sums["weight"])
   return total / max(weight, 1.0)
 
 

@@ -255,13 +255,13 @@ def comparison_logps(model, batches, counts: list[int]) -> list[np.ndarray]:
   `model`, from unshuffled one-pass grouped batches of the comparisons in
   order (`counts`: responses per comparison)."""
   out: list[np.ndarray] = []
-  for batch in batches:
-    with on_mesh_of(model) as put:
+  with on_mesh_of(model) as put:
+    for batch in batches:
       logps = np.asarray(_LOGPS(model, {k: put(v) for k, v in batch.items()
                                         if k in DPO_BATCH}))
-    for row in logps:
-      if len(out) < len(counts):
-        out.append(row[:counts[len(out)]].astype(np.float64))
+      for row in logps:
+        if len(out) < len(counts):
+          out.append(row[:counts[len(out)]].astype(np.float64))
   if len(out) != len(counts):
     raise ValueError(f"{len(out)} comparisons scored of {len(counts)}")
   return out

@@ -10,6 +10,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mllm_jax.configlib import ConfigError, from_config
+from mllm_jax.generate.sampler import Sampler
 from mllm_jax.modeling import Decoder
 from mllm_jax.parallel.config import DEFAULT_RULES, ParallelConfig
 from mllm_jax.parallel.mesh import check_divisible, make_mesh
@@ -141,6 +142,14 @@ def test_on_mesh_of_splits_rows_over_the_models_data_axes(
   with on_mesh_of(Decoder(CFG, rngs=nnx.Rngs(0))) as put:  # one device
     assert current_mesh() is None
     assert not isinstance(put(TOKENS).sharding, NamedSharding)
+  # A Sampler given no mesh generates on the sharded model's own mesh,
+  # with the one-device model's tokens.
+  sampler = Sampler(model)
+  assert sampler.mesh is mesh
+  prompts = [list(map(int, row[:5])) for row in TOKENS[:3]]
+  want = Sampler(Decoder(CFG_CPU_FUSED, rngs=nnx.Rngs(0))).generate(prompts, 6)
+  np.testing.assert_array_equal(sampler.generate(prompts, 6).tokens,
+                                want.tokens)
 
 
 def test_mesh_errors_name_the_field():

@@ -59,7 +59,8 @@ from mllm_jax.generate.sampling import SamplingParams, sample_and_score
 from mllm_jax.modeling.attention import KVCache
 from mllm_jax.modeling.decoder import Decoder
 from mllm_jax.parallel.config import DEFAULT_RULES, Rules
-from mllm_jax.parallel.sharding import constrain, logical_to_spec, use_mesh
+from mllm_jax.parallel.sharding import (constrain, logical_to_spec, mesh_of,
+                                        use_mesh)
 
 # Why a row stopped (DecodeState.stop_reason).
 RUNNING, STOP_TOKEN, INTERRUPT, STOP_STRING, LENGTH = range(5)
@@ -281,7 +282,9 @@ class Sampler:
 
   With a mesh, the batch is split over the rules' `act_batch` axes (padded to
   a multiple of their size with inactive rows) and the model's own sharding
-  constraints apply; parameters stay wherever they already live.
+  constraints apply; parameters stay wherever they already live. Without
+  one, a model sharded on a mesh generates on that mesh (otherwise every
+  device would decode every row).
   """
 
   def __init__(self, model: Decoder, tokenizer: Any = None,
@@ -290,7 +293,7 @@ class Sampler:
     self.graphdef, self.params = nnx.split(model)
     self.cfg = model.cfg
     self.tokenizer = tokenizer
-    self.mesh = mesh
+    self.mesh = mesh if mesh is not None else mesh_of(model)
     self.rules = tuple(rules if rules is not None else DEFAULT_RULES)
     self.pad_id = pad_id
     self.prompt_multiple = prompt_multiple

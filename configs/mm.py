@@ -94,6 +94,16 @@ def get_config(name: str = "align_tiny") -> ml_collections.ConfigDict:
       # comma-separated files or globs, images beside them) trained on with
       # the VQA examples ("": none).
       instruction_files="",
+      # Composited scenes (caption and VQA source "scenes"): how many train
+      # and test scenes, which Tux Paint categories their stamps come from
+      # (empty: all 457 cut-outs; a few categories give a vocabulary small
+      # enough to learn at tiny scale), and how they are drawn.
+      train_scenes=1000,
+      test_scenes=200,
+      stamp_categories=(),
+      scene=ml_collections.ConfigDict(dict(
+          size=336, min_objects=1, max_objects=4,
+          object_scale=(0.25, 0.42), max_overlap=0.05)),
       seed=0))
   config.lock()
   return config

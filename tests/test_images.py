@@ -650,6 +650,9 @@ def test_image_sets_splits_share_nothing():
   assert base["scene_presence"]["majority"] == 0.5  # one yes, one no each
   with pytest.raises(ConfigError, match="image_sets.vqa_sources"):
     image_sets.vqa_items(dataclasses.replace(cfg, vqa_sources=("coco",)))
+  with pytest.raises(ConfigError, match="stamp_categories: got 'robots'"):
+    image_sets.scene_split(dataclasses.replace(
+        cfg, stamp_categories=("food", "robots")), "train")
 
 
 def test_answer_baselines():

@@ -76,6 +76,9 @@ def _held_out(key: str, fraction: float, seed: int) -> bool:
 def _cutouts(categories: tuple) -> tuple:
   stamps = image_sources.tuxpaint_stamps()
   if categories:
+    known = sorted({s.category for s in stamps})
+    for name in categories:
+      check_choice(name, known, "stamp_categories")
     stamps = [s for s in stamps if s.category in categories]
   return tuple(scenes.cutout_stamps(stamps))
 

@@ -35,6 +35,7 @@ from mllm_jax.configlib import ConfigError, check, check_choice, from_config
 from mllm_jax.convert import multimodal as mm_io
 from mllm_jax.convert import native
 from mllm_jax.data import chat, image_sets, image_templates, images, mm_batch
+from mllm_jax.data import scenes
 from mllm_jax.data import image_readers
 from mllm_jax.data.image_templates import mix_text_only
 from mllm_jax.data.tokenizer import IMAGE, load_tokenizer
@@ -120,7 +121,14 @@ def read_examples(config, cfg: MultimodalConfig, tokenizer, fmt
   sets = image_sets.ImageSetsConfig(
       caption_sources=tuple(data.caption_sources),
       caption_kind=data.caption_kind, vqa_sources=tuple(data.vqa_sources),
+      scene=scenes.SceneConfig(
+          **{**data.scene.to_dict(),
+             "object_scale": tuple(data.scene.object_scale),
+             "seed": data.seed}),
+      stamp_categories=tuple(data.stamp_categories),
+      train_scenes=data.train_scenes, test_scenes=data.test_scenes,
       seed=data.seed)
+  sets.validate("data")
   stats = chat.ChatStats()
   question_types, baselines = {}, {}
   if config.stage == "align":

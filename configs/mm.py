@@ -97,7 +97,9 @@ def get_config(name: str = "align_tiny") -> ml_collections.ConfigDict:
       # Composited scenes (caption and VQA source "scenes"): how many train
       # and test scenes, which Tux Paint categories their stamps come from
       # (empty: all 457 cut-outs; a few categories give a vocabulary small
-      # enough to learn at tiny scale), and how they are drawn.
+      # enough to learn at tiny scale), and how they are drawn. The values
+      # are image_sets.ImageSetsConfig's and scenes.SceneConfig's defaults,
+      # written out because configs import no JAX (tests/test_config.py).
       train_scenes=1000,
       test_scenes=200,
       stamp_categories=(),

@@ -35,8 +35,7 @@ from mllm_jax.configlib import ConfigError, check, check_choice, from_config
 from mllm_jax.convert import multimodal as mm_io
 from mllm_jax.convert import native
 from mllm_jax.data import chat, image_sets, image_templates, images, mm_batch
-from mllm_jax.data import scenes
-from mllm_jax.data import image_readers
+from mllm_jax.data import image_readers, scenes
 from mllm_jax.data.image_templates import mix_text_only
 from mllm_jax.data.tokenizer import IMAGE, load_tokenizer
 from mllm_jax.eval import captioning, image_tasks

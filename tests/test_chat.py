@@ -497,3 +497,8 @@ def test_overflow_rounds_keeps_whole_leading_rounds():
   assert chat.encode(conv, tokenizer, "vicuna_v1", max_len=5,
                      overflow="rounds", stats=stats) is None
   assert stats.counts["first_round_too_long"] == 1
+  whole = chat.encode(conv, tokenizer, "vicuna_v1", max_len=len(full["ids"]),
+                      overflow="rounds", stats=stats)
+  np.testing.assert_array_equal(whole["ids"], full["ids"])
+  np.testing.assert_array_equal(whole["weights"], full["weights"])
+  assert stats.notes["cut_to_leading_rounds"] == 1  # a whole fit is not cut

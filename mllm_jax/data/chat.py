@@ -924,21 +924,15 @@ def encode(conversation: Conversation, tokenizer: Tokenizer,
   if conversation.turns[-1].role != ASSISTANT:
     raise ValueError(f"conversation {conversation.id!r} ends with a user "
                      f"turn; training needs an answer (use encode_prompt)")
-  ids, weights = tokenize_parts(fmt.parts(conversation), tokenizer, fmt,
-                                conversation.id)
-  _check_images(conversation, ids, tokenizer)
-  if not weights[1:].any():
-    raise ChatFormatError(f"conversation {conversation.id!r}: format "
-                          f"{fmt.name!r} gives no assistant token to train")
+  if max_len is not None and overflow == "rounds":
+    return _leading_rounds(conversation, tokenizer, fmt, max_len, stats)
+  ids, weights = _tokenize_conversation(conversation, tokenizer, fmt)
   if max_len is not None and len(ids) > max_len:
     where = f"{conversation.id} ({len(ids)} tokens > {max_len})"
     if overflow == "drop":
       if stats is not None:
         stats.add(readers.Drop("too_long", where))
       return None
-    if overflow == "rounds":
-      return _leading_rounds(conversation, tokenizer, fmt, max_len, stats,
-                             where)
     ids, weights = ids[:max_len], weights[:max_len]
     if not weights[1:].any():
       if stats is not None:
@@ -951,32 +945,47 @@ def encode(conversation: Conversation, tokenizer: Tokenizer,
   return {"ids": ids, "weights": weights}
 
 
+def _tokenize_conversation(conversation: Conversation, tokenizer: Tokenizer,
+                           fmt: ChatFormat) -> tuple[np.ndarray, np.ndarray]:
+  """tokenize_parts of the whole conversation, checked: its image
+  placeholders survive as tokens and it trains at least one token."""
+  ids, weights = tokenize_parts(fmt.parts(conversation), tokenizer, fmt,
+                                conversation.id)
+  _check_images(conversation, ids, tokenizer)
+  if not weights[1:].any():
+    raise ChatFormatError(f"conversation {conversation.id!r}: format "
+                          f"{fmt.name!r} gives no assistant token to train")
+  return ids, weights
+
+
 def _leading_rounds(conversation: Conversation, tokenizer: Tokenizer,
-                    fmt: ChatFormat, max_len: int, stats: ChatStats | None,
-                    where: str) -> dict[str, np.ndarray] | None:
+                    fmt: ChatFormat, max_len: int, stats: ChatStats | None
+                    ) -> dict[str, np.ndarray] | None:
   """The longest prefix of whole rounds of `conversation` within max_len.
 
   Tried shortest first: a longer prefix of rounds never has fewer tokens,
-  so the first prefix that does not fit ends the search, and a long
-  conversation whose first round is already too long costs one short
-  encoding, not one per round."""
+  so the first prefix that does not fit ends the search. A long
+  conversation (most of a ShareGPT dump against a short row) then costs
+  the encoding of its first rounds, never of the whole of it."""
   rounds = [i + 1 for i, t in enumerate(conversation.turns)
             if t.role == ASSISTANT]
-  best = None
-  for end in rounds[:-1]:
-    shorter = dataclasses.replace(conversation,
-                                  turns=conversation.turns[:end])
-    ids, weights = tokenize_parts(fmt.parts(shorter), tokenizer, fmt,
-                                  conversation.id)
+  best, kept = None, 0
+  for end in rounds:
+    prefix = (conversation if end == len(conversation.turns) else
+              dataclasses.replace(conversation, turns=conversation.turns[:end]))
+    ids, weights = _tokenize_conversation(prefix, tokenizer, fmt)
     if len(ids) > max_len:
+      if best is None and stats is not None:
+        stats.add(readers.Drop(
+            "first_round_too_long",
+            f"{conversation.id} ({len(ids)} tokens > {max_len})"))
       break
-    best = {"ids": ids, "weights": weights}
+    best, kept = {"ids": ids, "weights": weights}, end
   if best is None:
-    if stats is not None:
-      stats.add(readers.Drop("first_round_too_long", where))
     return None
   if stats is not None:
-    stats.note("cut_to_leading_rounds")
+    if kept < len(conversation.turns):
+      stats.note("cut_to_leading_rounds")
     stats.note("encoded")
   return best
 

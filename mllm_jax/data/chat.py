@@ -971,8 +971,7 @@ def _leading_rounds(conversation: Conversation, tokenizer: Tokenizer,
             if t.role == ASSISTANT]
   best, kept = None, 0
   for end in rounds:
-    prefix = (conversation if end == len(conversation.turns) else
-              dataclasses.replace(conversation, turns=conversation.turns[:end]))
+    prefix = dataclasses.replace(conversation, turns=conversation.turns[:end])
     ids, weights = _tokenize_conversation(prefix, tokenizer, fmt)
     if len(ids) > max_len:
       if best is None and stats is not None:

@@ -6,7 +6,7 @@ turns only (their end-of-turn tokens included).
 
 BASE is a native checkpoint with its tokenizer. Conversations come from
 `data.train_files` (ShareGPT, Alpaca or our JSONL schema; default: the
-fetched ShareGPT dump), are rendered in one chat format, tokenised part by
+fetched ShareGPT dump; never a copy of a held-out conversation), are rendered in one chat format, tokenised part by
 part so the mask cannot drift, packed several to a row, and trained through
 the one trainer. Before and after: the held-out response loss (default:
 alpaca-eval's instructions with their reference answers), how often the
@@ -53,12 +53,22 @@ MAX_SHIFTED = 0.01
 
 
 def read_examples(files: str, schema: str, limit: int, tokenizer, fmt,
-                  max_len: int, overflow: str, what: str):
-  """(conversations, examples) read and encoded; bad records and those the
-  format cannot tokenise exactly are dropped and counted, never fatal."""
+                  max_len: int, overflow: str, what: str, skip: int = 0,
+                  held_out=()):
+  """(conversations, examples) read and encoded, passing over the first
+  `skip` conversations read; bad records, those the format cannot tokenise
+  exactly and copies of `held_out` conversations are dropped and counted,
+  never fatal."""
   stats = chat.ChatStats()
   conversations, examples = [], []
-  for conv in chat.read_conversations(files, schema, stats):
+  held_out = {_content(c) for c in held_out}
+  for i, conv in enumerate(chat.read_conversations(files, schema, stats)):
+    if i < skip:
+      stats.note("skipped")
+      continue
+    if _content(conv) in held_out:
+      stats.add(chat.readers.Drop("held_out", conv.id))
+      continue
     try:
       example = chat.encode(conv, tokenizer, fmt, max_len, overflow, stats)
     except chat.ChatFormatError as e:
@@ -81,6 +91,11 @@ def read_examples(files: str, schema: str, limit: int, tokenizer, fmt,
   console(f"{what}: {len(examples):,} conversations kept; dropped "
           f"{summary['dropped'] or 'none'}; {summary['notes']}")
   return conversations, examples, summary
+
+
+def _content(conv: chat.Conversation) -> tuple:
+  """What a conversation says, without its id (which names its file)."""
+  return conv.system, conv.turns, conv.images
 
 
 def eval_batches(examples, seq_len: int, batch_size: int) -> list[dict]:
@@ -132,14 +147,14 @@ def main(argv):
     max_len = config.seq_len + 1
 
     # ---------------------------------------------------------------- data
-    _, train_examples, train_stats = read_examples(
-        data.train_files or paths.sharegpt_json(), data.train_schema,
-        data.max_conversations, tokenizer, fmt, max_len, data.overflow,
-        "train")
     eval_convs, eval_examples, eval_stats = read_examples(
-        data.eval_files or paths.alpaca_eval_json(), data.eval_schema,
+        paths.chat_files(data.eval_files or "alpaca_eval"), data.eval_schema,
         data.eval_conversations, tokenizer, fmt, max_len, data.overflow,
         "eval")
+    _, train_examples, train_stats = read_examples(
+        paths.chat_files(data.train_files or "sharegpt"), data.train_schema,
+        data.max_conversations, tokenizer, fmt, max_len, data.overflow,
+        "train", data.train_skip, held_out=eval_convs)
     task = peft_task(model_cfg, peft_cfg, trainable=train_cfg.trainable,
                      init_checkpoint=config.init_checkpoint, name="sft",
                      seed=config.seed)

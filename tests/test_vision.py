@@ -22,7 +22,7 @@ from mllm_jax.configlib import ConfigError, from_config  # noqa: E402
 from mllm_jax.convert import vision as convert  # noqa: E402
 from mllm_jax.modeling.projectors import build_projector  # noqa: E402
 from mllm_jax.modeling.vision import (VisionEncoder,  # noqa: E402
-                                      bicubic_matrix)
+                                      bicubic_matrix, sincos2d_positions)
 from mllm_jax.modeling.vision_config import (ProjectorConfig,  # noqa: E402
                                              VisionConfig)
 from mllm_jax.parallel.config import ParallelConfig  # noqa: E402
@@ -433,6 +433,26 @@ def test_bfloat16_tower_tracks_float32(tower):
   assert rel_err(out, want[1]) < 0.05
 
 
+def test_sincos2d_positions_say_where_each_patch_is():
+  table = sincos2d_positions(4, 32)
+  assert table.shape == (17, 32)
+  np.testing.assert_array_equal(table[0], 0.0)  # the class token
+  patches = table[1:]
+  # sin^2 + cos^2 = 1 per frequency: every patch has the same norm.
+  np.testing.assert_allclose(np.linalg.norm(patches, axis=1), 4.0, rtol=1e-6)
+  # The first quarter depends on the row only, the third on the column.
+  grid = patches.reshape(4, 4, 32)
+  np.testing.assert_array_equal(grid[:, 0, :8], grid[:, 3, :8])
+  np.testing.assert_array_equal(grid[0, :, 16:24], grid[3, :, 16:24])
+  assert len({tuple(np.round(row, 6)) for row in patches}) == 16
+  # A fresh tower starts from the table; the default starts at init_std.
+  cfg = dataclasses.replace(tiny_vision(), position_init="sincos2d")
+  model = VisionEncoder(cfg, nnx.Rngs(0))
+  np.testing.assert_array_equal(np.asarray(model.positions[...]), table)
+  plain = VisionEncoder(tiny_vision(), nnx.Rngs(0)).positions[...]
+  assert float(jnp.std(plain)) < 2 * tiny_vision().init_std
+
+
 # ----------------------------------------------------------------------------
 # Presets and refusals
 # ----------------------------------------------------------------------------
@@ -469,6 +489,9 @@ def test_presets():
     (dict(attention_backend="splash"), "vision.attention_backend"),
     (dict(activation="relu"), "vision.activation"),
     (dict(norm_eps=0.0), "vision.norm_eps"),
+    (dict(position_init="rope"), "vision.position_init: got 'rope'"),
+    (dict(position_init="sincos2d", embed_dim=30, num_heads=5),
+     "vision.position_init: sincos2d needs embed_dim divisible by 4"),
 ])
 def test_vision_config_errors_name_the_field(fields, message):
   with pytest.raises(ConfigError, match=message):

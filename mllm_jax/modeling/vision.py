@@ -161,6 +161,19 @@ def bicubic_matrix(old: int, new: int, a: float = -0.75) -> np.ndarray:
   return weights.astype(np.float32)
 
 
+def sincos2d_positions(grid: int, dim: int) -> np.ndarray:
+  """[1 + grid**2, dim] table: zeros for the class token, then for patch
+  (row, col) sines and cosines of the row over dim/4 frequencies and of the
+  column over the other dim/4 (MAE's fixed embedding; unit amplitude)."""
+  quarter = dim // 4
+  freqs = 1.0 / 10000.0 ** (np.arange(quarter) / quarter)
+  rows, cols = np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")
+  waves = [f(axis.reshape(-1, 1) * freqs) for axis in (rows, cols)
+           for f in (np.sin, np.cos)]
+  table = np.concatenate(waves, axis=1)
+  return np.concatenate([np.zeros((1, dim)), table]).astype(np.float32)
+
+
 def patch_positions(table: jax.Array, grid: int, height: int,
                     width: int) -> jax.Array:
   """The [1 + grid**2, D] position table for a height x width patch grid:
@@ -213,6 +226,8 @@ class VisionEncoder(nnx.Module):
     self.class_token = param(rngs, (d,), ("norm",), dt, d ** -0.5)
     self.positions = param(rngs, (cfg.num_patches + 1, d), (None, "embed"),
                            dt, cfg.init_std)
+    if cfg.position_init == "sincos2d":
+      self.positions[...] = jnp.asarray(sincos2d_positions(cfg.grid, d), dt)
     self.pre_norm = LayerNorm(d, cfg.norm_eps, cfg)
 
     @nnx.split_rngs(splits=cfg.num_layers)

@@ -18,6 +18,10 @@ from mllm_jax.modeling.config import (ATTENTION_BACKENDS, DTYPES,
                                       REMAT_POLICIES, Dtypes)
 
 ACTIVATIONS = ("quick_gelu", "gelu", "gelu_tanh")
+# normal: CLIP's random table; sincos2d: the table starts as fixed 2-D sine
+# and cosine waves (MAE, big_vision's "sincos2d"), so each patch's value
+# carries its row and column from the first step.
+POSITION_INITS = ("normal", "sincos2d")
 # patch: the patch tokens only (LLaVA's "default"); cls_patch: the class
 # token first, then the patches (LLaVA's "full").
 FEATURE_SELECTS = ("patch", "cls_patch")
@@ -50,6 +54,10 @@ class VisionConfig(Dtypes):
     not run.
   image_size: the size the position table was trained for; other sizes
     (multiples of patch_size) interpolate it bicubically as transformers.
+  position_init: how a fresh tower's position table starts (it is learned
+    either way; converted towers bring their own). With "normal" a random
+    tower's positions are init_std small beside its patch embeddings, and a
+    token's value says little about where it is.
   """
   image_size: int = 224
   patch_size: int = 14
@@ -61,6 +69,7 @@ class VisionConfig(Dtypes):
   activation: str = "quick_gelu"
   norm_eps: float = 1e-5
   init_std: float = 0.02
+  position_init: str = "normal"
   feature_layer: int = -2
   feature_select: str = "patch"
   attention_backend: str = "xla"
@@ -108,6 +117,11 @@ class VisionConfig(Dtypes):
           f"got {self.feature_layer}; with num_layers={self.num_layers} it "
           f"must be in [{-self.num_layers - 1}, {self.num_layers}]")
     check_choice(self.activation, ACTIVATIONS, f"{prefix}.activation")
+    check_choice(self.position_init, POSITION_INITS,
+                 f"{prefix}.position_init")
+    check(self.position_init == "normal" or self.embed_dim % 4 == 0,
+          f"{prefix}.position_init", f"sincos2d needs embed_dim divisible "
+          f"by 4 (sine and cosine per axis); got {self.embed_dim}")
     check_choice(self.feature_select, FEATURE_SELECTS,
                  f"{prefix}.feature_select")
     check_choice(self.remat, REMAT_POLICIES, f"{prefix}.remat")

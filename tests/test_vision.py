@@ -446,8 +446,7 @@ def test_sincos2d_positions_say_where_each_patch_is():
   np.testing.assert_array_equal(grid[0, :, 16:24], grid[3, :, 16:24])
   assert len({tuple(np.round(row, 6)) for row in patches}) == 16
   # A fresh tower starts from the table; the default starts at init_std.
-  cfg = dataclasses.replace(tiny_vision(), position_init="sincos2d")
-  model = VisionEncoder(cfg, nnx.Rngs(0))
+  model = VisionEncoder(tiny_vision(position_init="sincos2d"), nnx.Rngs(0))
   np.testing.assert_array_equal(np.asarray(model.positions[...]), table)
   plain = VisionEncoder(tiny_vision(), nnx.Rngs(0)).positions[...]
   assert float(jnp.std(plain)) < 2 * tiny_vision().init_std

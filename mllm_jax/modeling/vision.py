@@ -227,6 +227,8 @@ class VisionEncoder(nnx.Module):
     self.positions = param(rngs, (cfg.num_patches + 1, d), (None, "embed"),
                            dt, cfg.init_std)
     if cfg.position_init == "sincos2d":
+      # Drawn above all the same, so the other parameters get the values
+      # they get with "normal".
       self.positions[...] = jnp.asarray(sincos2d_positions(cfg.grid, d), dt)
     self.pre_norm = LayerNorm(d, cfg.norm_eps, cfg)
 

@@ -13,9 +13,10 @@
                  `--config.data.format=minigpt4` for MiniGPT-4's.
 
 The run, mesh, optimizer and train sections are configs/stages.py's; the
-`vision` and `projector` sections are configs/vision.py's presets (read only
-by stage 1, which builds the tower; stage 2 takes all three parts from its
-init_checkpoint).
+`vision` and `projector` sections are configs/vision.py's presets. Stage 1
+builds the tower and projector from them; stage 2 takes all three parts
+from its init_checkpoint and reads only their run fields (attention
+backend, remat, scan unrolling), refusing an override of any other.
 """
 
 import dataclasses

@@ -5,6 +5,10 @@ vision tower frozen), the loss on the answers only.
       --workdir=DIR --config.init_checkpoint=STAGE1_DIR/model \
       [--config.data.format=minigpt4]
 
+The tower and projector are init_checkpoint's: of `--config.vision.*` and
+`--config.projector.*` only the run fields (attention backend, remat, scan
+unrolling) apply, and any other is refused by name.
+
 Questions come from easy-vqa through the VQA templates, in LLaVA's
 conversation format (`llava_v1`) or MiniGPT-4's (`minigpt4`). Writes
 DIR/model and DIR/summary.json; a run found in DIR is resumed. The stage
@@ -20,7 +24,7 @@ from ml_collections import config_flags
 
 from launch.flags import start_process
 from mllm_jax.configlib import ConfigError
-from mllm_jax.train.mm_stage import run_stage
+from mllm_jax.train.mm_stage import check_overrides, run_stage
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "configs/mm.py:PRESET; override fields with "
@@ -35,6 +39,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   start_process()
   try:
+    check_overrides("instruct", config_flags.get_override_values(
+        flags.FLAGS["config"]))
     run_stage(_CONFIG.value, _WORKDIR.value, "instruct")
   except (ConfigError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")

@@ -192,3 +192,14 @@ def test_stage2_refuses_a_text_checkpoint(tmp_path, text_base):
       capture_output=True, text=True)
   assert out.returncode != 0
   assert "init_checkpoint" in out.stderr and "stage 1" in out.stderr
+
+
+def test_stage2_refuses_a_tower_override_it_would_ignore(tmp_path):
+  out = subprocess.run(
+      [sys.executable, "-m", "launch.mm_instruct", f"--workdir={tmp_path}",
+       *INSTRUCT, f"--config.init_checkpoint={tmp_path}",
+       "--config.vision.remat=full", "--config.vision.position_init=sincos2d"],
+      cwd=REPO, capture_output=True, text=True)
+  assert out.returncode != 0
+  assert ("vision.position_init: stage 2 takes the vision tower from "
+          "init_checkpoint" in out.stderr), out.stderr[-2000:]

@@ -199,6 +199,60 @@ def test_llava_config_refusals(llava):
       mm_io.config_from_llava({**config, key: value}, dtype="float32")
 
 
+def test_run_fields_are_the_runs_own_and_stage2_refuses_the_rest(
+    tiny, tmp_path):
+  """The tower's and projector's run fields (attention backend, remat,
+  scan unrolling) are not recorded in a checkpoint, as the decoder's are
+  not: stage 2 applies its own, and refuses by name an override of any
+  architecture field it would otherwise ignore."""
+  import json  # pylint: disable=import-outside-toplevel
+  from configs.mm import get_config  # pylint: disable=import-outside-toplevel
+  from mllm_jax.train import mm_stage  # pylint: disable=import-outside-toplevel
+  cfg, model = tiny
+  ran = dataclasses.replace(
+      cfg, vision=dataclasses.replace(cfg.vision, attention_backend=
+                                      "cpu_fused", remat="full"),
+      projector=dataclasses.replace(cfg.projector,
+                                    attention_backend="dot_product"))
+  path = str(tmp_path / "stage1")
+  mm_io.save_model(path, ran, model)
+  saved = json.loads((tmp_path / "stage1" / mm_io.CONFIG_FILE).read_text())
+  for part, cls in (("vision", VisionConfig), ("projector", ProjectorConfig)):
+    assert not set(cls.run_fields) & set(saved[part]), part
+  assert mm_io.read_config(path) == cfg  # run fields: the defaults
+  mm_io.check_architecture(path, ran, "init_checkpoint")  # the same model
+  with pytest.raises(ConfigError, match="vision.embed_dim"):
+    mm_io.check_architecture(path, dataclasses.replace(
+        cfg, vision=dataclasses.replace(cfg.vision, embed_dim=64)), "x")
+  # A checkpoint written before run fields were left out: they are dropped.
+  saved["vision"]["attention_backend"] = "cpu_fused"
+  (tmp_path / "stage1" / mm_io.CONFIG_FILE).write_text(json.dumps(saved))
+  assert mm_io.read_config(path).vision.attention_backend == "xla"
+
+  config = get_config("instruct_tiny")
+  config.init_checkpoint = path
+  config.vision.embed_dim = 8  # not a run field: the checkpoint's is used
+  config.vision.remat = "full"
+  config.vision.scan_unroll = 2
+  config.projector.attention_backend = "dot_product"
+  got = mm_stage.model_config(config, tokenizer=None)
+  assert got.vision == dataclasses.replace(cfg.vision, remat="full",
+                                           scan_unroll=2)
+  assert got.projector == dataclasses.replace(
+      cfg.projector, attention_backend="dot_product")
+  assert got.model.architecture() == cfg.model.architecture()
+
+  mm_stage.check_overrides("instruct", {"vision.remat": "full",
+                                        "projector.attention_backend": "xla",
+                                        "run.remat": "full", "seq_len": 64})
+  mm_stage.check_overrides("align", {"vision.embed_dim": 64})
+  for field, part in (("vision.embed_dim", "vision tower"),
+                      ("projector.projector", "projector")):
+    with pytest.raises(ConfigError, match=rf"{field}: stage 2 takes the "
+                       rf"{part} from init_checkpoint.*mm_align"):
+      mm_stage.check_overrides("instruct", {field: 1, "vision.remat": "full"})
+
+
 # ----------------------------------------------------------------------------
 # Host batches: placeholders and truncation
 # ----------------------------------------------------------------------------

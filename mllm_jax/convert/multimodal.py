@@ -44,8 +44,9 @@ from safetensors.numpy import save_file
 from mllm_jax.configlib import ConfigError, check
 from mllm_jax.convert import hf, native
 from mllm_jax.convert import vision as vision_io
-from mllm_jax.modeling.config import RUN_FIELDS
+from mllm_jax.modeling.config import ModelConfig
 from mllm_jax.modeling.multimodal import MultimodalConfig, MultimodalModel
+from mllm_jax.modeling.vision_config import ProjectorConfig, VisionConfig
 from mllm_jax.parallel.config import DEFAULT_RULES, Rules
 from mllm_jax.parallel.sharding import param_shardings
 
@@ -129,9 +130,13 @@ def read_config(path: str, **model_overrides: Any) -> MultimodalConfig:
       path, CONFIG_FILE, "native multimodal checkpoint",
       " (convert one with `python -m launch.convert_checkpoint "
       "--from=llava`)")
-  model = {k: v for k, v in values.get("model", {}).items()
-           if k not in RUN_FIELDS}
-  return MultimodalConfig.from_dict({**values, "model": model},
+  # Run fields saved by older checkpoints are dropped: each run picks its
+  # own (the defaults here).
+  parts = {part: {k: v for k, v in values.get(part, {}).items()
+                  if k not in cls.run_fields}
+           for part, cls in (("model", ModelConfig), ("vision", VisionConfig),
+                             ("projector", ProjectorConfig))}
+  return MultimodalConfig.from_dict({**values, **parts},
                                     os.path.join(path, CONFIG_FILE),
                                     **model_overrides)
 
@@ -228,8 +233,8 @@ def config_from_llava(values: Mapping[str, Any],
   vision = vision_io.clip_config_from_hf(
       values["vision_config"], source, feature_layer=layer,
       feature_select=_SELECT[select], **dtypes)
-  projector = vision_io.ProjectorConfig(projector="mlp2x_gelu",
-                                        init_std=vision.init_std, **dtypes)
+  projector = ProjectorConfig(projector="mlp2x_gelu",
+                              init_std=vision.init_std, **dtypes)
   image_token = values.get("image_token_index",
                            values.get("image_token_id", 32000))
   try:

@@ -6,6 +6,7 @@ Imports no JAX at module level: config files import this.
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 from mllm_jax.configlib import check, check_choice
 
@@ -45,8 +46,19 @@ class Dtypes:
     return jnp.dtype(self.param_dtype)
 
 
+class Architecture:
+  """`architecture()`: the fields a checkpoint records, every field but the
+  class's `run_fields` (how a run computes, which each run takes from its
+  own config)."""
+  run_fields: ClassVar[tuple[str, ...]] = ()
+
+  def architecture(self) -> dict:
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+            if f.name not in self.run_fields}
+
+
 @dataclasses.dataclass(frozen=True)
-class ModelConfig(Dtypes):
+class ModelConfig(Dtypes, Architecture):
   """A LLaMA-family decoder. Zero for a derived size means "use the default".
 
   num_kv_heads: 0 -> num_heads (multi-head); 1 is multi-query; else grouped.
@@ -89,11 +101,7 @@ class ModelConfig(Dtypes):
   # (0: the whole sequence at once): bounds the float32 logits held at once
   # and keeps each chunk's in cache (losses.head_cross_entropy).
   loss_chunk_len: int = 0
-
-  def architecture(self) -> dict:
-    """The fields a checkpoint records: every field but RUN_FIELDS."""
-    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-            if f.name not in RUN_FIELDS}
+  run_fields: ClassVar[tuple[str, ...]] = RUN_FIELDS
 
   # Derived sizes: read these, never the raw zero-means-default fields.
   @property

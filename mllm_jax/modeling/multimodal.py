@@ -79,11 +79,11 @@ class MultimodalConfig:
           f"size {self.model.vocab_size})")
 
   def to_dict(self) -> dict[str, Any]:
-    """The architecture as JSON-able dicts (the decoder's run fields left
+    """The architecture as JSON-able dicts (each part's run fields left
     out, as native checkpoints do)."""
     return {"model": self.model.architecture(),
-            "vision": dataclasses.asdict(self.vision),
-            "projector": dataclasses.asdict(self.projector),
+            "vision": self.vision.architecture(),
+            "projector": self.projector.architecture(),
             "image_token_id": self.image_token_id,
             "bidirectional_images": self.bidirectional_images}
 

@@ -12,10 +12,11 @@ Imports no JAX at module level: config files import this.
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 from mllm_jax.configlib import check, check_choice
 from mllm_jax.modeling.config import (ATTENTION_BACKENDS, DTYPES,
-                                      REMAT_POLICIES, Dtypes)
+                                      REMAT_POLICIES, Architecture, Dtypes)
 
 ACTIVATIONS = ("quick_gelu", "gelu", "gelu_tanh")
 # normal: CLIP's random table; sincos2d: the table starts as fixed 2-D sine
@@ -34,7 +35,7 @@ QUERY_PROJECTORS = ("qformer", "abstractor")
 VISION_BACKENDS = tuple(b for b in ATTENTION_BACKENDS if b != "splash")
 
 
-def _check_run_fields(cfg, prefix: str) -> None:
+def _check_backend_and_dtypes(cfg, prefix: str) -> None:
   check_choice(cfg.attention_backend, VISION_BACKENDS,
                f"{prefix}.attention_backend")
   check_choice(cfg.param_dtype, DTYPES, f"{prefix}.param_dtype")
@@ -43,7 +44,7 @@ def _check_run_fields(cfg, prefix: str) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
-class VisionConfig(Dtypes):
+class VisionConfig(Dtypes, Architecture):
   """A ViT as in CLIP: patch embedding, a class token, learned positions,
   a LayerNorm before the blocks, pre-LN blocks with biases, quick-GELU.
 
@@ -77,6 +78,10 @@ class VisionConfig(Dtypes):
   dtype: str = "bfloat16"
   remat: str = "none"
   scan_unroll: int = 1
+  # As the decoder's RUN_FIELDS: not recorded in checkpoints, so stage 2
+  # (and any later run) picks its own.
+  run_fields: ClassVar[tuple[str, ...]] = ("attention_backend", "remat",
+                                           "scan_unroll")
 
   @property
   def head_size(self) -> int:
@@ -126,11 +131,11 @@ class VisionConfig(Dtypes):
                  f"{prefix}.feature_select")
     check_choice(self.remat, REMAT_POLICIES, f"{prefix}.remat")
     check(self.norm_eps > 0, f"{prefix}.norm_eps", "must be positive")
-    _check_run_fields(self, prefix)
+    _check_backend_and_dtypes(self, prefix)
 
 
 @dataclasses.dataclass(frozen=True)
-class ProjectorConfig(Dtypes):
+class ProjectorConfig(Dtypes, Architecture):
   """Vision features [B, N, D_vision] -> embeddings [B, N_tokens, D_llm].
 
   linear: one affine map per feature (N_tokens = N).
@@ -158,6 +163,7 @@ class ProjectorConfig(Dtypes):
   attention_backend: str = "xla"
   param_dtype: str = "float32"
   dtype: str = "float32"
+  run_fields: ClassVar[tuple[str, ...]] = ("attention_backend",)
 
   def tokens_per_image(self, num_features: int) -> int:
     """Embeddings one image becomes, from its `num_features` vectors."""
@@ -202,7 +208,7 @@ class ProjectorConfig(Dtypes):
     check(self.projector != "abstractor" or not self.hidden_dim,
           f"{prefix}.hidden_dim", "the abstractor's width is the vision "
           "width (its queries are concatenated with the features); leave 0")
-    _check_run_fields(self, prefix)
+    _check_backend_and_dtypes(self, prefix)
 
   def check_dims(self, vision_dim: int, prefix: str = "projector") -> None:
     """Fails naming the field when the widths cannot split into heads."""

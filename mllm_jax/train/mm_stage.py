@@ -83,9 +83,35 @@ def image_conversation(conv: chat.Conversation, fmt: chat.ChatFormat
   return chat.Conversation(conv.id, turns, conv.system, conv.images)
 
 
+def check_overrides(stage: str, overrides) -> None:
+  """Stage 2 takes the tower's and projector's architecture from its
+  init_checkpoint, so a `--config.vision.*` / `--config.projector.*`
+  override of anything but their run fields would be ignored: refuse it by
+  name. `overrides`: the dotted fields set on the command line."""
+  if stage != "instruct":
+    return
+  parts = {"vision": ("vision tower", VisionConfig),
+           "projector": ("projector", ProjectorConfig)}
+  for field in sorted(overrides):
+    part, _, name = field.partition(".")
+    what, cls = parts.get(part, ("", None))
+    if cls is not None and name not in cls.run_fields:
+      raise ConfigError(
+          f"{field}: stage 2 takes the {what} from init_checkpoint (set it "
+          f"in stage 1, launch.mm_align); here only "
+          f"{', '.join(f'{part}.{f}' for f in cls.run_fields)} apply")
+
+
+def _run_choices(part, section):
+  """`part` (from a checkpoint) with the run fields of config `section`."""
+  return dataclasses.replace(part, **{k: section[k] for k in part.run_fields})
+
+
 def model_config(config, tokenizer) -> MultimodalConfig:
   """Stage 1: the text checkpoint's decoder with this run's choices, the
-  config's tower and projector. Stage 2: the stage-1 checkpoint's."""
+  config's tower and projector. Stage 2: the stage-1 checkpoint's three
+  parts with this run's choices (`run`, and the run fields of `vision` and
+  `projector`)."""
   run = {k: v for k, v in config.run.to_dict().items() if k != "dtype" or v}
   if config.stage == "instruct":
     if not mm_io.is_multimodal(config.init_checkpoint):
@@ -94,9 +120,10 @@ def model_config(config, tokenizer) -> MultimodalConfig:
           f"{mm_io.CONFIG_FILE}; stage 2 starts from stage 1's WORKDIR/model "
           f"(launch.mm_align) or a converted LLaVA")
     cfg = mm_io.read_config(config.init_checkpoint, **run)
-    if config.bidirectional_images != cfg.bidirectional_images:
-      cfg = MultimodalConfig(cfg.model, cfg.vision, cfg.projector,
-                             cfg.image_token_id, config.bidirectional_images)
+    cfg = dataclasses.replace(
+        cfg, vision=_run_choices(cfg.vision, config.vision),
+        projector=_run_choices(cfg.projector, config.projector),
+        bidirectional_images=config.bidirectional_images)
   else:
     model = base_model_config(config.init_checkpoint, config.run.to_dict())
     try:

@@ -34,19 +34,27 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-typedef float v16 __attribute__((vector_size(64)));
-typedef float v16u __attribute__((vector_size(64), aligned(4)));
-typedef int32_t i16v __attribute__((vector_size(64)));
-
+// One vector register of floats: 16 lanes with AVX-512, else 8 (AVX2).
+// Wider GCC vectors than the hardware's are lowered through the stack,
+// which made the kernel 4-6x slower than XLA's attention on AVX2 hosts.
+#ifdef __AVX512F__
 constexpr int kLanes = 16;
+#else
+constexpr int kLanes = 8;
+#endif
+typedef float vfloat __attribute__((vector_size(4 * kLanes)));
+typedef float vfloat_u __attribute__((vector_size(4 * kLanes), aligned(4)));
+typedef int32_t vint __attribute__((vector_size(4 * kLanes)));
 constexpr int kBlockRows = 64;  // query rows per block
 // Bias values at or below this are masked (MASK_VALUE in attention.py is
 // -0.7 * float max; ALiBi biases are far above it).
 constexpr float kMasked = -0.35f * std::numeric_limits<float>::max();
 
-inline v16 load(const float* p) { return *reinterpret_cast<const v16u*>(p); }
-inline void store(float* p, v16 x) { *reinterpret_cast<v16u*>(p) = x; }
-inline v16 splat(float x) { return v16{} + x; }
+inline vfloat load(const float* p) {
+  return *reinterpret_cast<const vfloat_u*>(p);
+}
+inline void store(float* p, vfloat x) { *reinterpret_cast<vfloat_u*>(p) = x; }
+inline vfloat splat(float x) { return vfloat{} + x; }
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 inline void copy_floats(float* dst, const float* src, int64_t n) {
   int64_t i = 0;
@@ -54,54 +62,55 @@ inline void copy_floats(float* dst, const float* src, int64_t n) {
   for (; i < n; ++i) dst[i] = src[i];
 }
 
-// exp on 16 lanes: 2^n * p(r) with r = x - n ln2, |r| <= ln2 / 2, degree-6
+// exp on kLanes lanes: 2^n * p(r) with r = x - n ln2, |r| <= ln2 / 2, degree-6
 // Taylor polynomial (relative error ~1e-7); exactly 0 below -87.
-inline v16 vexp(v16 x) {
-  const v16 lo = splat(-87.0f);
-  v16 xc = x < lo ? lo : x;
+inline vfloat vexp(vfloat x) {
+  const vfloat lo = splat(-87.0f);
+  vfloat xc = x < lo ? lo : x;
   xc = xc > splat(88.0f) ? splat(88.0f) : xc;
-  const v16 magic = splat(12582912.0f);  // 1.5 * 2^23: round to nearest
-  v16 n = (xc * splat(1.44269504f) + magic) - magic;
-  v16 r = xc - n * splat(0.693359375f);
+  const vfloat magic = splat(12582912.0f);  // 1.5 * 2^23: round to nearest
+  vfloat n = (xc * splat(1.44269504f) + magic) - magic;
+  vfloat r = xc - n * splat(0.693359375f);
   r = r - n * splat(-2.12194440e-4f);
-  v16 p = splat(1.0f / 720);
+  vfloat p = splat(1.0f / 720);
   p = p * r + splat(1.0f / 120);
   p = p * r + splat(1.0f / 24);
   p = p * r + splat(1.0f / 6);
   p = p * r + splat(0.5f);
   p = p * r + splat(1.0f);
   p = p * r + splat(1.0f);
-  i16v bits = (__builtin_convertvector(n, i16v) + 127) << 23;
-  v16 result = p * (v16)bits;
-  return x < lo ? v16{} : result;
+  vint bits = (__builtin_convertvector(n, vint) + 127) << 23;
+  vfloat result = p * (vfloat)bits;
+  return x < lo ? vfloat{} : result;
 }
 
-inline float hmax(v16 x) {
+inline float hmax(vfloat x) {
   float m = x[0];
   for (int i = 1; i < kLanes; ++i) m = std::max(m, x[i]);
   return m;
 }
-inline float hsum(v16 x) {
+inline float hsum(vfloat x) {
   float s = 0;
   for (int i = 0; i < kLanes; ++i) s += x[i];
   return s;
 }
 
-// C[i][0:16*NV] (+)= sum_k A_i[k * step] * B[k][0:16*NV] for MR rows. A's
+// C[i][0:kLanes*NV] (+)= sum_k A_i[k * step] * B[k][0:kLanes*NV] for MR
+// rows. A's
 // rows are given by pointers, so strided inputs need no copy, and `step`
 // lets A be read transposed (A_i = column i of a row-major block).
 template <int MR, int NV>
 void tile(const float* const* a, int64_t step, int64_t K, const float* b,
           int64_t ldb, float* c, int64_t ldc, bool accumulate) {
-  v16 acc[MR][NV];
+  vfloat acc[MR][NV];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NV; ++j)
-      acc[i][j] = accumulate ? load(c + i * ldc + j * kLanes) : v16{};
+      acc[i][j] = accumulate ? load(c + i * ldc + j * kLanes) : vfloat{};
   for (int64_t k = 0; k < K; ++k) {
-    v16 bv[NV];
+    vfloat bv[NV];
     for (int j = 0; j < NV; ++j) bv[j] = load(b + k * ldb + j * kLanes);
     for (int i = 0; i < MR; ++i) {
-      const v16 av = splat(a[i][k * step]);
+      const vfloat av = splat(a[i][k * step]);
       for (int j = 0; j < NV; ++j) acc[i][j] += av * bv[j];
     }
   }
@@ -111,7 +120,13 @@ void tile(const float* const* a, int64_t step, int64_t K, const float* b,
 
 using TileFn = void (*)(const float* const*, int64_t, int64_t, const float*,
                         int64_t, float*, int64_t, bool);
+// 6 x 4 (AVX-512) or 6 x 2 (AVX2) accumulators: 24 of 32 or 12 of 16
+// registers, the rest for B's vectors and A's broadcast.
+#ifdef __AVX512F__
 constexpr int kTileRows = 6, kTileVecs = 4;
+#else
+constexpr int kTileRows = 6, kTileVecs = 2;
+#endif
 
 template <int MR>
 constexpr TileFn row_of_tiles(int nv) {
@@ -129,7 +144,8 @@ TileFn tile_fn(int mr, int nv) {
   }
 }
 
-// C[M][N] (+)= A[M][K] B[K][N], N a multiple of 16; A[i][k] is a[i][k*step].
+// C[M][N] (+)= A[M][K] B[K][N], N a multiple of kLanes; A[i][k] is
+// a[i][k*step].
 void gemm(const float* const* a, int64_t step, int64_t M, int64_t K,
           const float* b, int64_t ldb, int64_t N, float* c, int64_t ldc,
           bool accumulate) {
@@ -240,8 +256,8 @@ void transpose16(const float* const* rows, int64_t col, float* dst,
 #endif
 
 // K or V of one (batch, KV head): transposed [D][Sp] and padded [Sp][Dp],
-// zero outside the data. The transpose goes 16 keys at a time, so its
-// writes are whole vectors and its reads stay within 16 rows.
+// zero outside the data. The transpose goes kLanes keys at a time, so its
+// writes are whole vectors and its reads stay within kLanes rows.
 void pack(const Dims& d, const float* x, int64_t b, int64_t kv,
           std::vector<float>* transposed, std::vector<float>* padded) {
   if (padded) {
@@ -261,7 +277,7 @@ void pack(const Dims& d, const float* x, int64_t b, int64_t kv,
       transpose16(rows, i, transposed->data() + i * d.Sp + s0, d.Sp);
 #endif
     for (; i < d.D; ++i) {
-      v16 col;
+      vfloat col;
       for (int l = 0; l < kLanes; ++l) col[l] = rows[l] ? rows[l][i] : 0.0f;
       store(transposed->data() + i * d.Sp + s0, col);
     }
@@ -272,13 +288,13 @@ void pack(const Dims& d, const float* x, int64_t b, int64_t kv,
 void row_ends(const Dims& d, const float* bias, int64_t b, int64_t h,
               std::vector<int64_t>& ends) {
   ends.resize(d.T);
-  const v16 masked = splat(kMasked);
+  const vfloat masked = splat(kMasked);
   for (int64_t t = 0; t < d.T; ++t) {
     const float* row = d.bias_row(bias, b, h, t);
     int64_t last = d.S - 1;
-    // Whole masked chunks of 16 first, then single keys.
+    // Whole masked chunks of kLanes first, then single keys.
     for (; last + 1 >= kLanes; last -= kLanes) {
-      const v16 chunk = load(row + last + 1 - kLanes);
+      const vfloat chunk = load(row + last + 1 - kLanes);
 #ifdef __AVX512F__
       const unsigned open = _mm512_cmp_ps_mask(chunk, masked, _CMP_GT_OQ);
       if (open) {
@@ -310,17 +326,17 @@ int64_t key_end(const Dims& d, const std::vector<int64_t>& ends, int64_t t0,
 }
 
 // Scores of one row, scaled and biased, over columns [0, cols) (a multiple
-// of 16); columns >= end are -inf.
-inline v16 biased(const Dims& d, const float* s, const float* bias_row,
-                  int64_t c, int64_t end) {
-  v16 bias;
+// of kLanes); columns >= end are -inf.
+inline vfloat biased(const Dims& d, const float* s, const float* bias_row,
+                     int64_t c, int64_t end) {
+  vfloat bias;
   if (c + kLanes <= d.S) {
     bias = load(bias_row + c);
   } else {
     for (int i = 0; i < kLanes; ++i)
       bias[i] = c + i < d.S ? bias_row[c + i] : kMasked;
   }
-  v16 x = load(s + c) * splat(d.scale) + bias;
+  vfloat x = load(s + c) * splat(d.scale) + bias;
   if (c + kLanes > end) {
     for (int i = 0; i < kLanes; ++i)
       if (c + i >= end) x[i] = -std::numeric_limits<float>::infinity();
@@ -365,16 +381,16 @@ void forward_task(const Dims& d, int64_t task, const float* q, const float* k,
       for (int64_t r = 0; r < rows; ++r) {
         float* s = w.s.data() + r * d.Sp;
         const float* brow = d.bias_row(bias, b, h, t0 + r);
-        v16 m = splat(-std::numeric_limits<float>::infinity());
+        vfloat m = splat(-std::numeric_limits<float>::infinity());
         for (int64_t c = 0; c < cols; c += kLanes) {
-          const v16 x = biased(d, s, brow, c, end);
+          const vfloat x = biased(d, s, brow, c, end);
           store(s + c, x);
           m = x > m ? x : m;
         }
         const float row_max = hmax(m);
-        v16 sum{};
+        vfloat sum{};
         for (int64_t c = 0; c < cols; c += kLanes) {
-          const v16 e = vexp(load(s + c) - splat(row_max));
+          const vfloat e = vexp(load(s + c) - splat(row_max));
           store(s + c, e);
           sum += e;
         }
@@ -435,13 +451,13 @@ void backward_task(const Dims& d, int64_t task, const float* q,
         float* dp = w.p.data() + r * d.Sp;
         const float* brow = d.bias_row(bias, b, h, t);
         for (int64_t c = 0; c < cols; c += kLanes) {
-          v16 p = masked_row
+          vfloat p = masked_row
                       ? splat(uniform)
                       : vexp(biased(d, s, brow, c, end) - splat(row_lse));
           if (masked_row && c + kLanes > d.S)
             for (int i = 0; i < kLanes; ++i)
               if (c + i >= d.S) p[i] = 0;
-          const v16 ds = masked_row ? v16{}
+          const vfloat ds = masked_row ? vfloat{}
                          : p * (load(dp + c) - splat(delta)) * splat(d.scale);
           store(s + c, p);
           store(dp + c, ds);

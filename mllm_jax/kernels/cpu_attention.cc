@@ -36,7 +36,7 @@ namespace {
 
 // One vector register of floats: 16 lanes with AVX-512, else 8 (AVX2).
 // Wider GCC vectors than the hardware's are lowered through the stack,
-// which made the kernel 4-6x slower than XLA's attention on AVX2 hosts.
+// which made the kernel about 4x slower than XLA's attention on AVX2 hosts.
 #ifdef __AVX512F__
 constexpr int kLanes = 16;
 #else

@@ -96,9 +96,8 @@ inline float hsum(vfloat x) {
 }
 
 // C[i][0:kLanes*NV] (+)= sum_k A_i[k * step] * B[k][0:kLanes*NV] for MR
-// rows. A's
-// rows are given by pointers, so strided inputs need no copy, and `step`
-// lets A be read transposed (A_i = column i of a row-major block).
+// rows. A's rows are given by pointers, so strided inputs need no copy, and
+// `step` lets A be read transposed (A_i = column i of a row-major block).
 template <int MR, int NV>
 void tile(const float* const* a, int64_t step, int64_t K, const float* b,
           int64_t ldb, float* c, int64_t ldc, bool accumulate) {

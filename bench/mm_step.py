@@ -6,6 +6,7 @@ transformers' `CLIPVisionModel` (bench/vision_tower.py's two sides).
   python bench/mm_step.py [--steps=4] [--warmup=1] [--batch=8] [--text=64]
       [--threads=N] [--feature_layer=-2] [--tower_steps=4] [--attn=sdpa]
       [--parts=2] [--attention=cpu_fused] [--tower_attention=cpu_fused]
+      [--loss_positions=1]
 
 The model (one config, float32 parameters and compute):
   vision tower  configs/vision.py `small`: ViT-S/14 sized, 224 px, patch 14,
@@ -28,7 +29,10 @@ through `build_program` / `initial_state` (1-device mesh, state donated),
 with bench/train_step.py's CPU settings (tuned XLA flags, `cpu_fused`
 attention in tower and LLM unless `--attention` / `--tower_attention` say
 `xla`, hand-written backward passes, the LLM's 8 layers
-in one scan iteration, fused CPU AdamW, freed memory kept). Theirs: our
+in one scan iteration, fused CPU AdamW, freed memory kept). With
+`--loss_positions` below 1 our LM head runs only on each row's answer
+positions (`model.loss_positions`, gathered; transformers' LLaVA projects
+every position): the same loss and gradients, fewer FLOPs. Theirs: our
 initial weights exported with `convert.multimodal.save_llava` and read by
 `LlavaForConditionalGeneration.from_pretrained` (sdpa attention), the tower's
 parameters `requires_grad=False`, `torch.optim.AdamW(fused=True)` over the
@@ -81,9 +85,10 @@ SYSTEM_TOKENS = 8
 
 
 def mm_config(seq: int, feature_layer: int, feature_select: str = "patch",
-              attention: str = "cpu_fused", tower_attention: str = "cpu_fused"):
+              attention: str = "cpu_fused", tower_attention: str = "cpu_fused",
+              loss_positions: float = 1.0):
   """The benchmarked MultimodalConfig (see the module docstring), with the
-  LLM's and the tower's attention backends."""
+  LLM's and the tower's attention backends and `model.loss_positions`."""
   # pylint: disable=import-outside-toplevel
   from configs.vision import projector_config, vision_config
   from mllm_jax.configlib import from_config
@@ -91,7 +96,8 @@ def mm_config(seq: int, feature_layer: int, feature_select: str = "patch",
   from mllm_jax.modeling.vision_config import ProjectorConfig, VisionConfig
   # pylint: enable=import-outside-toplevel
   llm = model_config(seq, scan_unroll=8, custom_vjp=True,
-                     attention_backend=attention)
+                     attention_backend=attention,
+                     loss_positions=loss_positions)
   vision = from_config(VisionConfig, vision_config(
       "small", dtype="float32", param_dtype="float32",
       attention_backend=tower_attention, feature_layer=feature_layer,
@@ -303,6 +309,9 @@ def main() -> None:
                       choices=("cpu_fused", "xla"),
                       help="the tower's vision.attention_backend (also in "
                       "the tower-alone comparison)")
+  parser.add_argument("--loss_positions", type=float, default=1.0,
+                      help="our model.loss_positions: the LM head on each "
+                      "row's answer positions only (gathered) when below 1")
   parser.add_argument("--attn", default="sdpa", choices=("sdpa", "eager"),
                       help="transformers attention implementation")
   parser.add_argument("--xla_flags", default=TUNED_XLA_FLAGS,
@@ -321,7 +330,8 @@ def main() -> None:
 
   seq = 256 + args.text
   cfg = mm_config(seq, args.feature_layer, attention=args.attention,
-                  tower_attention=args.tower_attention)
+                  tower_attention=args.tower_attention,
+                  loss_positions=args.loss_positions)
   total = args.warmup + args.steps
   batches = make_batches(cfg, total, args.batch, args.text)
   first = batches[0]
@@ -346,7 +356,8 @@ def main() -> None:
         f"batch, {image_positions} image positions), {args.warmup} warm-up "
         f"+ {args.steps} timed steps each; attention: LLM "
         f"{cfg.model.attention_backend}, tower "
-        f"{cfg.vision.attention_backend}, transformers {args.attn}; XLA_FLAGS={os.environ['XLA_FLAGS']!r}")
+        f"{cfg.vision.attention_backend}, transformers {args.attn}; our LM "
+        f"head on {cfg.model.loss_positions:g} of each row's positions; XLA_FLAGS={os.environ['XLA_FLAGS']!r}")
   print(f"trainable: ours {ours.trainable:,} (frozen {ours.frozen_count:,}),"
         f" transformers {theirs.trainable:,} (frozen "
         f"{theirs.frozen_count:,})")

@@ -31,7 +31,7 @@ def finetune_config(*, tiny: bool, steps: int, batch_size: int, seq_len: int,
   config.run = ml_collections.ConfigDict(dict(
       attention_backend="cpu_fused" if tiny else "xla",
       custom_vjp=tiny, remat="none", scan_unroll=1, loss_chunk_len=0,
-      dtype=""))
+      loss_positions=1.0, dtype=""))
   # Parameter-efficient fine-tuning: method "none" trains every parameter
   # (or those train.trainable selects); "lora", "prompt", "prefix",
   # "ptuning", "adapter" train only their own parameters.

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mllm_jax.train.losses import (head_cross_entropy, token_cross_entropy,
-                                   weighted_mean)
+from mllm_jax.train.losses import (head_cross_entropy, head_plan,
+                                   token_cross_entropy, weighted_mean)
 
 
 def reference_cross_entropy(logits, targets, z_loss=0.0):
@@ -101,3 +101,60 @@ def test_head_cross_entropy_bfloat16_and_bad_chunk():
                                atol=2e-2)
   with pytest.raises(ValueError, match="loss_chunk_len"):
     head_cross_entropy(x, w, targets, weights, 0.0, 4)
+
+
+@pytest.mark.parametrize("chunk_len", [0, 4])
+@pytest.mark.parametrize("longest", [8, 16, 20])
+def test_head_on_weighted_positions_only_gives_the_same_loss(chunk_len,
+                                                             longest):
+  """model.loss_positions < 1 gathers each row's weighted positions before
+  the head, into 8, 16 or all 32 slots as the longest row needs. The sums
+  and the gradients of x and w are the full head's on every branch."""
+  rng = np.random.RandomState(4)
+  x = jnp.asarray(rng.randn(3, 32, 8), jnp.float32)
+  w = jnp.asarray(rng.randn(8, 23) * 0.5, jnp.float32)
+  targets = jnp.asarray(rng.randint(0, 23, (3, 32)))
+  weights = np.zeros((3, 32), np.float32)
+  weights[0, 24:32] = 1.0      # an answer at the end of the row
+  weights[1, [2, 5, 6]] = 0.5  # scattered, fractional weights
+  weights[2, 1:1 + longest] = 1.0
+  weights = jnp.asarray(weights)
+  assert head_plan(32, 0.25, chunk_len) == (
+      ((8, 2), (16, 4), (32, 8)) if chunk_len else ((8, 1), (16, 1), (32, 1)))
+
+  def head(x, w, positions):
+    return head_cross_entropy(x, w, targets, weights, 1e-3, chunk_len,
+                              positions)
+  for a, b in zip(head(x, w, 0.25), head(x, w, 1.0)):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+  grad = lambda positions: jax.jit(jax.grad(
+      lambda x, w: 0.5 * head(x, w, positions)[0], argnums=(0, 1)))(x, w)
+  for g, g_full in zip(grad(0.25), grad(1.0)):
+    np.testing.assert_allclose(g, g_full, rtol=1e-5, atol=1e-7)
+  # Where a weight is nonzero its cotangent (the position's loss) is kept.
+  d_weights = jax.grad(lambda wt: head_cross_entropy(
+      x, w, targets, wt, 0.0, chunk_len, 0.25)[0])(weights)
+  d_full = jax.grad(lambda wt: head_cross_entropy(
+      x, w, targets, wt, 0.0, chunk_len)[0])(weights)
+  np.testing.assert_allclose(np.where(weights != 0, d_weights, 0),
+                             np.where(weights != 0, d_full, 0), rtol=1e-6)
+  # Which branch ran: a NaN at a weight-0 position reaches the sum (as
+  # 0 * NaN) only when every position goes through the head.
+  probe = x.at[0, 20].set(jnp.nan)  # never gathered: row 0 fills 16 first
+  loss = head_cross_entropy(probe, w, targets, weights, 0.0, chunk_len,
+                            0.25)[0]
+  assert bool(jnp.isnan(loss)) == (longest > 16)
+
+
+def test_head_plan_rounds_to_the_chunk_and_checks_the_share():
+  assert head_plan(320, 0.125) == ((40, 1), (80, 1), (160, 1), (320, 1))
+  assert head_plan(320, 0.1) == ((32, 1), (64, 1), (128, 1), (256, 1),
+                                 (320, 1))
+  assert head_plan(1024, 0.1, 128) == ((128, 1), (256, 2), (512, 4),
+                                       (1024, 8))
+  assert head_plan(320, 0.99) == ((320, 1),)  # every position: no selection
+  assert head_plan(320) == ((320, 1),)
+  x = jnp.zeros((1, 8, 4))
+  with pytest.raises(ValueError, match="loss_positions"):
+    head_cross_entropy(x, jnp.zeros((4, 5)), jnp.zeros((1, 8), jnp.int32),
+                       jnp.ones((1, 8)), 0.0, 0, 0.0)

@@ -424,6 +424,37 @@ def test_mesh_forward_and_gradients_equal_one_device(tiny):
         jax.tree_util.keystr(path))
 
 
+def test_head_on_loss_positions_on_a_mesh_equals_the_full_head(tiny):
+  """model.loss_positions=0.25 gathers each row's answer positions before
+  the LM head (losses.head_plan): on a mesh with the batch and the sequence
+  sharded (the gather crosses devices), the loss and every gradient equal
+  the full head's on one device."""
+  if jax.device_count() < 8:
+    pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8")
+  cfg, model = tiny
+  gathered = build(dataclasses.replace(cfg, model=dataclasses.replace(
+      cfg.model, loss_positions=0.25)))
+  batch = {k: jnp.asarray(v) for k, v in mixed_batch().items()}
+  weighted = np.asarray((batch["loss_weights"] != 0).sum(axis=1))
+  assert 0 < weighted.max() <= SEQ_LEN // 4  # the smallest branch runs
+  want = _loss_and_grads(model, batch)
+  mesh_cfg = ParallelConfig(data=2, sequence=2, tensor=2)
+  mesh = make_mesh(mesh_cfg)
+  graphdef, state = nnx.split(gathered)
+  shardings = param_shardings(state, mesh, mesh_cfg.rules)
+  on_mesh = jax.device_put(batch, NamedSharding(mesh, P(("data", "fsdp"))))
+  with use_mesh(mesh, mesh_cfg.rules):
+    got = jax.jit(jax.value_and_grad(
+        lambda s: _loss(nnx.merge(graphdef, s), on_mesh)[0]),
+        out_shardings=(None, shardings))(jax.device_put(state, shardings))
+  assert rel_err(got[0], want[0]) < 1e-5
+  for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got[1]),
+                          jax.tree.leaves(want[1])):
+    g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
+    assert np.abs(g - w).max() <= 1e-4 * max(np.abs(w).max(), 1e-3), (
+        jax.tree_util.keystr(path))
+
+
 def test_splash_bidirectional_images_on_a_mesh_equal_xla():
   """The splash kernel (interpret mode on CPU) with bidirectional images,
   per device on the 8-device mesh: the loss and every gradient equal the

@@ -26,7 +26,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 # A checkpoint does not record them; each run takes them from its own config
 # (so weights trained with the CPU kernels load on a GPU or TPU as they are).
 RUN_FIELDS = ("attention_backend", "remat", "scan_unroll", "custom_vjp",
-              "loss_chunk_len")
+              "loss_chunk_len", "loss_positions")
 
 
 class Dtypes:
@@ -101,6 +101,10 @@ class ModelConfig(Dtypes, Architecture):
   # (0: the whole sequence at once): bounds the float32 logits held at once
   # and keeps each chunk's in cache (losses.head_cross_entropy).
   loss_chunk_len: int = 0
+  # Share of each row's positions the training loss's output projection
+  # runs on (1: all): below 1 it runs on the positions that carry loss,
+  # gathered, when they fit (else on all; losses.head_cross_entropy).
+  loss_positions: float = 1.0
   run_fields: ClassVar[tuple[str, ...]] = RUN_FIELDS
 
   # Derived sizes: read these, never the raw zero-means-default fields.
@@ -146,6 +150,8 @@ class ModelConfig(Dtypes, Architecture):
     check(self.rope_scaling == "none" or self.rope_scaling_factor >= 1.0,
           f"{prefix}.rope_scaling_factor", "must be >= 1 when scaling RoPE")
     check(self.norm_eps > 0, f"{prefix}.norm_eps", "must be positive")
+    check(0 < self.loss_positions <= 1, f"{prefix}.loss_positions",
+          f"{self.loss_positions} must be in (0, 1]")
 
   def check_seq_len(self, seq_len: int, field: str = "data.seq_len") -> None:
     """Fails early when training sequences of `seq_len` cannot run."""

@@ -219,7 +219,7 @@ def multimodal_loss(z_loss: float = 0.0, peft: PeftConfig | None = None,
         batch, model.mm_cfg.image_token_id)
     loss_sum, ce_sum = head_cross_entropy(
         x, model.head_weight(), batch["targets"], weights, z_loss,
-        model.cfg.loss_chunk_len)
+        model.cfg.loss_chunk_len, model.cfg.loss_positions)
     return loss_sum, {"weight": jnp.sum(weights), "loss": ce_sum}
 
   if peft is None or peft.method != "lora" or not peft.dropout:

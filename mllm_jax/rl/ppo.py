@@ -282,7 +282,8 @@ def ppo_loss(cfg: PPOConfig):
       # The first output carries the gradient (the second is a metric).
       ce, _ = head_cross_entropy(x, model.policy.head_weight(),
                                  batch["ptx_targets"], w, 0.0,
-                                 model.policy.cfg.loss_chunk_len)
+                                 model.policy.cfg.loss_chunk_len,
+                                 model.policy.cfg.loss_positions)
       ptx_mean = ce / jnp.maximum(jnp.sum(w), 1.0)
       sums["ptx_loss"] = ptx_mean * n
       total = total + cfg.ptx_coef * ptx_mean * n

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -99,8 +100,8 @@ def _head_sums(x, w, targets, weights, z_loss, count):
   return sums
 
 
-def _head_fwd(x, w, targets, weights, z_loss, count):
-  """Computes the loss and, chunk by chunk, its gradient: the chunk's
+def _head_grads(x, w, targets, weights, z_loss, count):
+  """The loss sums and, chunk by chunk, their gradient: the chunk's
   logits are used while they are still in cache and never all exist at
   once. The gradient is exact for any cotangent, which only scales it."""
   def body(carry, chunk):
@@ -124,8 +125,62 @@ def _head_fwd(x, w, targets, weights, z_loss, count):
                               _unchunk(losses))
 
 
-def _head_bwd(z_loss, count, residuals, cotangents):
-  del z_loss, count
+# Selection: the head on each row's weighted positions only.
+
+
+def _take_rows(a, index):
+  """a [B, T, ...] at index [B, K] -> [B, K, ...]."""
+  index = index.reshape(index.shape + (1,) * (a.ndim - 2))
+  return jnp.take_along_axis(a, index, axis=1)
+
+
+def _put_rows(values, index, length):
+  """Inverse of `_take_rows` for distinct indices: zeros elsewhere."""
+  rows = jnp.arange(index.shape[0])[:, None]
+  full = jnp.zeros((index.shape[0], length) + values.shape[2:], values.dtype)
+  return full.at[rows, index].set(values, unique_indices=True)
+
+
+def _on_weighted(fn, x, targets, weights, plan, scatter):
+  """fn(x, targets, weights, chunks) on each row's weighted positions,
+  gathered in order into the smallest of `plan`'s (slots, chunks) that
+  holds the batch's longest row (the last entry is every position, as
+  they are). A switch: one branch runs. `scatter(out, index, T)` maps a
+  gathered run's outputs back to full positions, so branches agree."""
+  if len(plan) == 1:
+    return fn(x, targets, weights, plan[0][1])
+  weighted = weights != 0
+  # Each row's weighted positions first, in order, then the rest.
+  order = jnp.argsort(jnp.logical_not(weighted).astype(jnp.int8), axis=1,
+                      stable=True)
+  longest = jnp.max(jnp.sum(weighted, axis=1))
+  branch = sum((longest > keep).astype(jnp.int32) for keep, _ in plan[:-1])
+
+  def gathered(keep, chunks):
+    def run(x, targets, weights):
+      index = order[:, :keep]
+      out = fn(_take_rows(x, index), _take_rows(targets, index),
+               _take_rows(weights, index), chunks)
+      return scatter(out, index, x.shape[1])
+    return run
+  branches = [gathered(*entry) for entry in plan[:-1]]
+  branches.append(lambda x, t, wt: fn(x, t, wt, plan[-1][1]))
+  return jax.lax.switch(branch, branches, x, targets, weights)
+
+
+def _scatter_grads(out, index, length):
+  sums, (d_x, d_w, losses) = out
+  return sums, (_put_rows(d_x, index, length), d_w,
+                _put_rows(losses, index, length))
+
+
+def _head_fwd(x, w, targets, weights, z_loss, plan):
+  fn = lambda x, t, wt, chunks: _head_grads(x, w, t, wt, z_loss, chunks)
+  return _on_weighted(fn, x, targets, weights, plan, _scatter_grads)
+
+
+def _head_bwd(z_loss, plan, residuals, cotangents):
+  del z_loss, plan
   d_x, d_w, losses = residuals
   g = cotangents[0]  # the CE sum is a metric: its derivative is zero
   return ((g * d_x).astype(d_x.dtype), (g * d_w).astype(d_w.dtype), None,
@@ -133,17 +188,40 @@ def _head_bwd(z_loss, count, residuals, cotangents):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _head_cross_entropy(x, w, targets, weights, z_loss, count):
-  loss_sum, ce_sum = _head_sums(x, w, targets, weights, z_loss, count)
+def _head_cross_entropy(x, w, targets, weights, z_loss, plan):
+  fn = lambda x, t, wt, chunks: _head_sums(x, w, t, wt, z_loss, chunks)
+  loss_sum, ce_sum = _on_weighted(fn, x, targets, weights, plan,
+                                  lambda sums, *_: sums)
   return loss_sum, jax.lax.stop_gradient(ce_sum)
 
 
 _head_cross_entropy.defvjp(_head_fwd, _head_bwd)
 
 
+def head_plan(length: int, share: float = 1.0, chunk_len: int = 0
+              ) -> tuple[tuple[int, int], ...]:
+  """The (slots, chunks) sizes the head may run on for
+  `model.loss_positions=share`: ceil(share * length) slots, then twice
+  that, and so on, each rounded up to the loss chunk (or to 8), ending
+  with every position. `length` must be a multiple of `chunk_len`."""
+  chunk_len = chunk_len or 0
+  multiple = chunk_len or 8
+  plan = []
+  keep = math.ceil(share * length)
+  while True:
+    keep = -(-keep // multiple) * multiple
+    if keep >= length:
+      break
+    plan.append((keep, keep // chunk_len if chunk_len else 1))
+    keep *= 2
+  plan.append((length, length // chunk_len if chunk_len else 1))
+  return tuple(plan)
+
+
 def head_cross_entropy(x: jax.Array, w: jax.Array, targets: jax.Array,
                        weights: jax.Array, z_loss: float = 0.0,
-                       chunk_len: int = 0) -> tuple[jax.Array, jax.Array]:
+                       chunk_len: int = 0, positions: float = 1.0
+                       ) -> tuple[jax.Array, jax.Array]:
   """The output projection and the weighted loss, without the logits tensor.
 
   x [B, T, D] final hidden states, w [D, V] the output projection (both in
@@ -157,12 +235,22 @@ def head_cross_entropy(x: jax.Array, w: jax.Array, targets: jax.Array,
   formed in the same pass, while the chunk's logits are hot, instead of in a
   second pass over stored logits; the result equals autodiff's up to float
   rounding (tests/test_losses.py).
+
+  `positions` < 1 (`model.loss_positions`) runs the projection on each
+  row's positions of nonzero weight only, gathered in order into
+  ceil(positions * T) slots, or 2x, 4x ... that when the batch's longest
+  row needs more (`head_plan`; one branch of a switch runs). Where the
+  loss covers a small part of the sequence (answers after a prompt and
+  576 image tokens), the head's FLOPs and logits shrink with it. The sums
+  and the gradients of x and w are the same either way; only the
+  cotangent of `weights` is zero where a weight is zero.
   """
   t = x.shape[1]
-  chunk_len = chunk_len or t
-  if t % chunk_len:
+  if not 0 < positions <= 1:
+    raise ValueError(f"model.loss_positions={positions} must be in (0, 1]")
+  if chunk_len and t % chunk_len:
     raise ValueError(f"sequence length {t} is not a multiple of the loss "
                      f"chunk length {chunk_len} (model.loss_chunk_len)")
   return _head_cross_entropy(x, w, jnp.asarray(targets),
                              weights.astype(jnp.float32), float(z_loss),
-                             t // chunk_len)
+                             head_plan(t, positions, chunk_len))

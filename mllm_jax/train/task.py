@@ -98,7 +98,7 @@ def lm_loss(z_loss: float = 0.0) -> LossFn:
     weights = batch["loss_weights"].astype(jnp.float32)
     loss_sum, ce_sum = head_cross_entropy(
         x, model.head_weight(), batch["targets"], weights, z_loss,
-        model.cfg.loss_chunk_len)
+        model.cfg.loss_chunk_len, model.cfg.loss_positions)
     return loss_sum, {"weight": jnp.sum(weights), "loss": ce_sum}
   return loss
 

@@ -118,6 +118,24 @@ def test_response_logps_equal_the_models_log_softmax():
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
                                atol=1e-6)
+  # The head on the weighted positions only (model.loss_positions): the
+  # same values and gradients when the longest row fits 8 of 32 slots (a
+  # response after its prompt) and when it needs every position.
+  gathered = Decoder(dataclasses.replace(cfg, loss_chunk_len=8,
+                                         loss_positions=0.25),
+                     rngs=nnx.Rngs(1))
+  response = np.zeros_like(weights)
+  response[:, 24:31] = 1.0
+  for w in (response, weights):
+    rows = args[:2] + (jnp.asarray(w),) + args[3:]
+    value = nnx.jit(lambda m: dpo.sequence_logps(m, *rows))
+    grad = nnx.jit(nnx.grad(lambda m: dpo.sequence_logps(m, *rows).sum()))
+    np.testing.assert_allclose(np.asarray(value(gathered)),
+                               np.asarray(value(model)), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(grad(gathered)),
+                    jax.tree.leaves(grad(model))):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
+                                 atol=1e-6)
 
 
 def test_every_reference_mode_starts_at_log_2():

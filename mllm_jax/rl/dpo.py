@@ -48,7 +48,8 @@ from mllm_jax.modeling.peft_config import PeftConfig
 from mllm_jax.parallel.sharding import on_mesh_of
 from mllm_jax.rl.config import DPOConfig, LOSSES, REFERENCES
 from mllm_jax.rl.reward import GroupedBatches, group_batch, ranked_pairs
-from mllm_jax.train.losses import token_cross_entropy
+from mllm_jax.train.losses import (head_plan, on_weighted_positions,
+                                   token_cross_entropy)
 
 DPO_BATCH = {"inputs": jnp.int32, "targets": jnp.int32,
              "loss_weights": jnp.float32, "segment_ids": jnp.int32,
@@ -64,25 +65,33 @@ def sequence_logps(model, inputs, targets, loss_weights, segment_ids,
                    positions) -> jax.Array:
   """Sum over each row's weighted tokens of log p(target): rows [B, T] ->
   float32 [B]. The logits exist `model.cfg.loss_chunk_len` positions at a
-  time (0: all), recomputed in the backward pass chunk by chunk."""
+  time (0: all), recomputed in the backward pass chunk by chunk; with
+  `model.loss_positions` < 1 only on each row's weighted positions
+  (losses.head_plan: the prompt's positions skip the head)."""
   x, _ = model.hidden_states(inputs, positions, segment_ids)
   w = model.head_weight()
-  b, t, d = x.shape
 
-  def chunk_logps(xc, tc):
-    logits = jnp.einsum("btd,dv->btv", xc, w,
-                        preferred_element_type=jnp.float32)
-    return -token_cross_entropy(logits, tc)
+  def row_logps(x, targets, weights, chunks):
+    def chunk_logps(xc, tc):
+      logits = jnp.einsum("btd,dv->btv", xc, w,
+                          preferred_element_type=jnp.float32)
+      return -token_cross_entropy(logits, tc)
+    b, t, d = x.shape
+    if chunks == 1:
+      logps = chunk_logps(x, targets)
+    else:
+      c = t // chunks
+      xs = x.reshape(b, chunks, c, d).swapaxes(0, 1)
+      ts = targets.reshape(b, chunks, c).swapaxes(0, 1)
+      logps = jax.lax.map(jax.checkpoint(lambda a: chunk_logps(*a)), (xs, ts))
+      logps = logps.swapaxes(0, 1).reshape(b, t)
+    return jnp.sum(logps * weights, axis=-1)
 
-  c = model.cfg.loss_chunk_len or t
-  if c >= t:
-    logps = chunk_logps(x, targets)
-  else:
-    xs = x.reshape(b, t // c, c, d).swapaxes(0, 1)
-    ts = targets.reshape(b, t // c, c).swapaxes(0, 1)
-    logps = jax.lax.map(jax.checkpoint(lambda a: chunk_logps(*a)), (xs, ts))
-    logps = logps.swapaxes(0, 1).reshape(b, t)
-  return jnp.sum(logps * loss_weights.astype(jnp.float32), axis=-1)
+  plan = head_plan(x.shape[1], model.cfg.loss_positions,
+                   model.cfg.loss_chunk_len)
+  return on_weighted_positions(row_logps, x, targets,
+                               loss_weights.astype(jnp.float32), plan,
+                               lambda sums, *_: sums)
 
 
 def grouped_logps(model, batch: Mapping[str, jax.Array]) -> jax.Array:

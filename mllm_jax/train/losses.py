@@ -141,12 +141,13 @@ def _put_rows(values, index, length):
   return full.at[rows, index].set(values, unique_indices=True)
 
 
-def _on_weighted(fn, x, targets, weights, plan, scatter):
+def on_weighted_positions(fn, x, targets, weights, plan, scatter):
   """fn(x, targets, weights, chunks) on each row's weighted positions,
   gathered in order into the smallest of `plan`'s (slots, chunks) that
   holds the batch's longest row (the last entry is every position, as
   they are). A switch: one branch runs. `scatter(out, index, T)` maps a
-  gathered run's outputs back to full positions, so branches agree."""
+  gathered run's outputs back to full positions, so branches agree (the
+  identity for per-row sums). Used by every loss that applies the head."""
   if len(plan) == 1:
     return fn(x, targets, weights, plan[0][1])
   weighted = weights != 0
@@ -176,7 +177,7 @@ def _scatter_grads(out, index, length):
 
 def _head_fwd(x, w, targets, weights, z_loss, plan):
   fn = lambda x, t, wt, chunks: _head_grads(x, w, t, wt, z_loss, chunks)
-  return _on_weighted(fn, x, targets, weights, plan, _scatter_grads)
+  return on_weighted_positions(fn, x, targets, weights, plan, _scatter_grads)
 
 
 def _head_bwd(z_loss, plan, residuals, cotangents):
@@ -190,7 +191,7 @@ def _head_bwd(z_loss, plan, residuals, cotangents):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _head_cross_entropy(x, w, targets, weights, z_loss, plan):
   fn = lambda x, t, wt, chunks: _head_sums(x, w, t, wt, z_loss, chunks)
-  loss_sum, ce_sum = _on_weighted(fn, x, targets, weights, plan,
+  loss_sum, ce_sum = on_weighted_positions(fn, x, targets, weights, plan,
                                   lambda sums, *_: sums)
   return loss_sum, jax.lax.stop_gradient(ce_sum)
 

@@ -182,6 +182,44 @@ def test_ptx_adds_the_gradient_of_the_pretraining_loss():
                                rtol=1e-4)
 
 
+def test_head_on_the_response_only_gives_the_same_update():
+  """model.loss_positions < 1: log-probabilities, entropies and the
+  reference's are computed at the response positions only (gathered); on
+  the response they equal the full head's, and so do the loss and every
+  gradient (the PPO loss reads them under the response mask only)."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  prompts = [[1, 5, 9, 4, 4, 4, 4], [1, 7], [1, 3, 3, 3]]
+  responses = [[11, 12, 2], [21, 22, 23, 24], [31]]
+  rows = {k: jnp.asarray(v) for k, v in ppo.rollout_rows(
+      prompts, responses, 12, 4, pad_id=2).items()}
+  mask = np.asarray(rows["loss_weights"])
+  grads, outs = [], []
+  for share in (1.0, 0.25):
+    cfg = dataclasses.replace(CFG, loss_positions=share)
+    model = ppo.build_model(cfg, PeftConfig(), "separate", nnx.Rngs(0))
+    nnx.update(model.reference, nnx.state(model.policy))
+    out = jax.jit(lambda m, r: ppo.forward(m, r, reference=True))(model,
+                                                                  rows)
+    outs.append(out)
+    graphdef, params, frozen = nnx.split(model, ppo.trainable_filter(
+        PeftConfig()), ...)
+    batch = {**rows, "old_logp": outs[0]["logp"],
+             "old_values": outs[0]["values"],
+             "advantages": jnp.asarray(np.random.default_rng(0).normal(
+                 size=mask.shape), jnp.float32),
+             "returns": outs[0]["values"] + 1.0}
+    grads.append(jax.jit(jax.grad(lambda p: ppo.ppo_loss(PPOConfig(
+        entropy_coef=0.01))(nnx.merge(graphdef, p, frozen), batch)[0]))(
+            params))
+  for name in ("logp", "entropy", "ref_logp"):
+    np.testing.assert_allclose(np.asarray(outs[1][name]) * mask,
+                               np.asarray(outs[0][name]) * mask, atol=1e-5)
+    assert not np.any(np.asarray(outs[1][name])[mask == 0])  # 0 off it
+  for g, w in zip(jax.tree.leaves(grads[1]), jax.tree.leaves(grads[0])):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=2e-5,
+                               rtol=1e-4)
+
+
 def test_rollout_rows_count_positions_from_the_first_real_token():
   rows = ppo.rollout_rows([[1, 2, 3]], [[4, 5]], 6, 4, pad_id=0)
   np.testing.assert_array_equal(rows["inputs"][0], [0, 0, 0, 1, 2, 3, 4, 5, 0])

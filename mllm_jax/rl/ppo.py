@@ -42,6 +42,8 @@ from mllm_jax.modeling.config import ModelConfig
 from mllm_jax.modeling.layers import param
 from mllm_jax.modeling.peft_config import PeftConfig
 from mllm_jax.rl.config import PPOConfig
+from mllm_jax.train.losses import (head_cross_entropy, head_plan,
+                                   on_weighted_positions, put_rows)
 from mllm_jax.train.optimizer import path_name
 
 ROLLOUT_FIELDS = {"inputs": jnp.int32, "targets": jnp.int32,
@@ -112,25 +114,40 @@ def trainable_filter(peft: PeftConfig):
   return select
 
 
-def _log_probs(x: jax.Array, head: jax.Array, targets: jax.Array
+def _log_probs(x: jax.Array, head: jax.Array, targets: jax.Array,
+               weights: jax.Array, share: float
                ) -> tuple[jax.Array, jax.Array]:
-  """Log-probabilities of `targets` and entropies, [B, T] float32."""
-  logits = jnp.einsum("btd,dv->btv", x, head,
-                      preferred_element_type=jnp.float32)
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  chosen = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-  entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
-  return chosen, entropy
+  """Log-probabilities of `targets` and entropies, [B, T] float32, at the
+  positions of nonzero weight (the response) and 0 elsewhere; with `share`
+  (model.loss_positions) < 1 the head runs on those positions only
+  (gathered: losses.head_plan)."""
+  def at(x, targets, weights, _):
+    logits = jnp.einsum("btd,dv->btv", x, head,
+                        preferred_element_type=jnp.float32)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    chosen = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+    response = weights != 0
+    return chosen * response, entropy * response
+
+  def scatter(out, index, length):
+    return tuple(put_rows(o, index, length) for o in out)
+  return on_weighted_positions(at, x, targets, weights,
+                               head_plan(x.shape[1], share), scatter)
 
 
 def forward(model: PolicyAndValue, batch: Mapping[str, jax.Array],
             reference: bool = False) -> dict[str, jax.Array]:
   """Per-token `logp`, `entropy` and `values` of the policy (and `ref_logp`
-  with reference=True) on rollout rows."""
+  with reference=True) on rollout rows; `logp`, `entropy` and `ref_logp`
+  are 0 off the response."""
   from mllm_jax.modeling.peft import adapters_disabled  # pylint: disable=g-import-not-at-top
   args = (batch["inputs"], batch["positions"], batch["segment_ids"])
+  head = lambda x, decoder: _log_probs(
+      x, decoder.head_weight(), batch["targets"],
+      batch["loss_weights"].astype(jnp.float32), decoder.cfg.loss_positions)
   x, _ = model.policy.hidden_states(*args)
-  logp, entropy = _log_probs(x, model.policy.head_weight(), batch["targets"])
+  logp, entropy = head(x, model.policy)
   if model.critic is None:
     values = model.value_head(x)
   else:
@@ -140,12 +157,11 @@ def forward(model: PolicyAndValue, batch: Mapping[str, jax.Array],
     if model.reference is not None:
       ref = model.reference
       xr, _ = ref.hidden_states(*args)
-      out["ref_logp"] = _log_probs(xr, ref.head_weight(), batch["targets"])[0]
+      out["ref_logp"] = head(xr, ref)[0]
     else:
       with adapters_disabled(model.policy) as base:
         xr, _ = base.hidden_states(*args)
-        out["ref_logp"] = _log_probs(xr, base.head_weight(),
-                                     batch["targets"])[0]
+        out["ref_logp"] = head(xr, base)[0]
     out["ref_logp"] = jax.lax.stop_gradient(out["ref_logp"])
   return out
 
@@ -247,8 +263,6 @@ def ppo_loss(cfg: PPOConfig):
   """The trainer's loss over a minibatch of processed rollouts (plus
   `ptx_*` pretraining rows when cfg.ptx_coef > 0). Normalised by the
   response tokens; the ptx term is its own token mean times ptx_coef."""
-  from mllm_jax.train.losses import head_cross_entropy  # pylint: disable=g-import-not-at-top
-
   def loss(model, batch):
     out = forward(model, batch)
     mask = batch["loss_weights"]

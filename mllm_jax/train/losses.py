@@ -134,7 +134,7 @@ def _take_rows(a, index):
   return jnp.take_along_axis(a, index, axis=1)
 
 
-def _put_rows(values, index, length):
+def put_rows(values, index, length):
   """Inverse of `_take_rows` for distinct indices: zeros elsewhere."""
   rows = jnp.arange(index.shape[0])[:, None]
   full = jnp.zeros((index.shape[0], length) + values.shape[2:], values.dtype)
@@ -171,8 +171,8 @@ def on_weighted_positions(fn, x, targets, weights, plan, scatter):
 
 def _scatter_grads(out, index, length):
   sums, (d_x, d_w, losses) = out
-  return sums, (_put_rows(d_x, index, length), d_w,
-                _put_rows(losses, index, length))
+  return sums, (put_rows(d_x, index, length), d_w,
+                put_rows(losses, index, length))
 
 
 def _head_fwd(x, w, targets, weights, z_loss, plan):

@@ -142,6 +142,8 @@ def test_stage1_resumes_bitwise_and_stage2_starts_from_it(tmp_path,
   finish(run("mm_instruct", instruct, *INSTRUCT,
              f"--config.init_checkpoint={straight / 'model'}",
              "--config.data.text_mix=random",
+             # The LM head on the answer positions only (gathered).
+             "--config.run.loss_positions=0.125",
              "--config.data.question_types=('color','shape')",
              f"--config.data.text_files={texts}"), timeout=600)
   assert sorted(train_losses(instruct)) == [1, 2]

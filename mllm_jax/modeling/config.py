@@ -102,8 +102,9 @@ class ModelConfig(Dtypes, Architecture):
   # and keeps each chunk's in cache (losses.head_cross_entropy).
   loss_chunk_len: int = 0
   # Share of each row's positions the training loss's output projection
-  # runs on (1: all): below 1 it runs on the positions that carry loss,
-  # gathered, when they fit (else on all; losses.head_cross_entropy).
+  # runs on (1: all): below 1 only on the positions that carry loss,
+  # gathered into that share of the row, or 2x, 4x ... when a batch needs
+  # more (losses.head_plan). The same loss and gradients, fewer FLOPs.
   loss_positions: float = 1.0
   run_fields: ClassVar[tuple[str, ...]] = RUN_FIELDS
 

@@ -205,17 +205,17 @@ def head_plan(length: int, share: float = 1.0, chunk_len: int = 0
   `model.loss_positions=share`: ceil(share * length) slots, then twice
   that, and so on, each rounded up to the loss chunk (or to 8), ending
   with every position. `length` must be a multiple of `chunk_len`."""
-  chunk_len = chunk_len or 0
   multiple = chunk_len or 8
+  chunks = lambda slots: slots // chunk_len if chunk_len else 1
   plan = []
   keep = math.ceil(share * length)
   while True:
     keep = -(-keep // multiple) * multiple
     if keep >= length:
       break
-    plan.append((keep, keep // chunk_len if chunk_len else 1))
+    plan.append((keep, chunks(keep)))
     keep *= 2
-  plan.append((length, length // chunk_len if chunk_len else 1))
+  plan.append((length, chunks(length)))
   return tuple(plan)
 
 
@@ -243,8 +243,8 @@ def head_cross_entropy(x: jax.Array, w: jax.Array, targets: jax.Array,
   row needs more (`head_plan`; one branch of a switch runs). Where the
   loss covers a small part of the sequence (answers after a prompt and
   576 image tokens), the head's FLOPs and logits shrink with it. The sums
-  and the gradients of x and w are the same either way; only the
-  cotangent of `weights` is zero where a weight is zero.
+  and the gradients of x and w are the same either way; the cotangent of
+  `weights` is exact where a weight is nonzero (elsewhere it may be 0).
   """
   t = x.shape[1]
   if not 0 < positions <= 1:
